@@ -1,0 +1,61 @@
+"""The backbone protocol: everything a sampler, a guidance rule or a noise method needs of a model.
+
+A backbone owns a denoiser network (the module LoRA refiners attach to), knows how to turn prompts
+into conditioning, predicts at (x_t, t), can switch perturbed self-attention on for chosen batch
+entries (PAG), and decodes latents to images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+Cond = dict[str, torch.Tensor]
+"""Conditioning: named tensors, batch-first (e.g. `encoder_hidden_states`, `class_labels`)."""
+
+
+def cat_cond(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditionings along the batch, key by key."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def select_cond(cond: Cond, index: torch.Tensor | slice) -> Cond:
+    """Take batch entries `index` of every tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What every model family implements. Adapters are thin: they translate, never re-implement."""
+
+    denoiser: nn.Module
+    scheduler_config: dict[str, Any]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one initial noise / latent, without the batch dimension."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Conditioning for `prompts`; the empty prompt "" is the unconditional one."""
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The raw model output (epsilon, v or velocity, as `scheduler_config` says) at (x_t, t)."""
+
+    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
+        """Within the context, batch entries where `mask` is True use identity self-attention
+        in the backbone's PAG layers (Ahn et al. 2024); the others are untouched."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W)."""
+
+    def fingerprint(self) -> dict[str, str]:
+        """Architecture name and a hash of the denoiser weights: refiners record what they fit."""

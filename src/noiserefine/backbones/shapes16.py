@@ -1,0 +1,152 @@
+"""The embedded shapes16 backbone: a small diffusers UNet2DConditionModel in pixel space with a
+learned 3-token prompt embedding (DESIGN.md section 3). Decoding is the identity."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from noiserefine.backbones.pag import install_pag_processors, perturbed
+from noiserefine.backbones.base import Cond
+from noiserefine.errors import NoiseRefineError
+from noiserefine.io import load_tensors, read_json, save_tensors, state_hash, write_json
+from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
+
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+}
+EMBED_DIM = 64
+SLOTS = (tuple(COLORS), SHAPES, tuple(POSITIONS))
+DEFAULT_WEIGHTS = "shapes16-base.safetensors"
+
+
+class PromptEncoder(nn.Module):
+    """Prompt -> 3 tokens (color, shape, position), each a learned embedding plus a slot
+    embedding. Index 0 of every slot is the null token: the empty prompt is all-null."""
+
+    def __init__(self, dim: int = EMBED_DIM) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList([nn.Embedding(len(words) + 1, dim) for words in SLOTS])
+        self.slot = nn.Parameter(torch.zeros(len(SLOTS), dim))
+
+    @staticmethod
+    def tokenize(prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 3) token ids; raises on unknown words."""
+        ids = []
+        for text in prompts:
+            p = parse_prompt(text)
+            attrs = (None, None, None) if p is None else (p.color, p.shape, p.position)
+            ids.append([0 if a is None else words.index(a) + 1 for a, words in zip(attrs, SLOTS)])
+        return torch.tensor(ids, dtype=torch.long)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = [table(ids[:, k]) for k, table in enumerate(self.tables)]
+        return torch.stack(tokens, dim=1) + self.slot
+
+
+class Shapes16Backbone:
+    """Backbone protocol for the embedded model (pixel space: latents are 3 x 16 x 16 images)."""
+
+    name = "shapes16-unet"
+    scheduler_config = SCHEDULER_CONFIG
+
+    def __init__(self, unet: UNet2DConditionModel, prompt_encoder: PromptEncoder,
+                 pag_layers: Sequence[str] = ("mid",)) -> None:
+        self.denoiser = unet
+        self.prompt_encoder = prompt_encoder
+        self.pag_layers = tuple(pag_layers)
+        self._pag = install_pag_processors(unet, self.pag_layers)
+        self._fingerprint: dict[str, str] | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, seed: int = 0) -> "Shapes16Backbone":
+        """A freshly initialised (untrained) model."""
+        torch.manual_seed(seed)
+        return cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder())
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Shapes16Backbone":
+        """Load weights (the shipped base model when `path` is None)."""
+        path = Path(path) if path else Path(str(resources.files("noiserefine") / "weights" / DEFAULT_WEIGHTS))
+        tensors = load_tensors(path)
+        model = cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder())
+        try:
+            model.denoiser.load_state_dict(_strip(tensors, "unet."))
+            model.prompt_encoder.load_state_dict(_strip(tensors, "prompt_encoder."))
+        except RuntimeError as err:
+            raise NoiseRefineError(f"{path} is not a shapes16 base model ({str(err).splitlines()[0]})") from None
+        model.eval()
+        return model
+
+    def save(self, path: str | Path, card: dict[str, Any] | None = None) -> None:
+        tensors = {f"unet.{k}": v for k, v in self.denoiser.state_dict().items()}
+        tensors |= {f"prompt_encoder.{k}": v for k, v in self.prompt_encoder.state_dict().items()}
+        save_tensors(Path(path), tensors)
+        write_json(Path(path).with_suffix(".json"), {
+            "architecture": self.name, "unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG, **(card or {})})
+
+    def eval(self) -> "Shapes16Backbone":
+        self.denoiser.eval()
+        self.prompt_encoder.eval()
+        return self
+
+    def parameters(self):
+        yield from self.denoiser.parameters()
+        yield from self.prompt_encoder.parameters()
+
+    # -- protocol -----------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        ids = PromptEncoder.tokenize(prompts).to(self.device)
+        return {"encoder_hidden_states": self.prompt_encoder(ids).to(self.dtype)}
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
+        return perturbed(self._pag, mask)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def fingerprint(self) -> dict[str, str]:
+        if self._fingerprint is None:
+            self._fingerprint = {"architecture": self.name, "weights_sha256": state_hash(self.denoiser)}
+        return self._fingerprint
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,223 @@
+"""The `noiserefine` command line: thin commands over library functions.
+
+Every command prints a one-line `error: ...` and exits with status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from noiserefine.errors import NoiseRefineError
+
+PATH = click.Path(path_type=Path)
+
+
+def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NoiseRefineError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _threads() -> None:
+    import torch
+
+    # Tiny models on few cores: one thread avoids OpenMP thrashing and is as fast.
+    if not torch.cuda.is_available() and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in __import__("os").environ:
+        torch.set_num_threads(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """Guided diffusion quality at unguided cost: NoiseRefine, Golden Noise and Noise Diffusion.
+
+    Example: noiserefine sample --prompt-file prompts.txt --seeds 0-7 --method refined --out out/
+    """
+    _threads()
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise NoiseRefineError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise NoiseRefineError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+# -- world ------------------------------------------------------------------------------------
+@main.group()
+def world() -> None:
+    """The embedded shapes16 world."""
+
+
+@world.command("export")
+@click.option("--n", default=100, help="number of real renders")
+@click.option("--seed", default=0)
+@click.option("--out", type=PATH, required=True, help="output folder (its parent must exist)")
+@_friendly_errors
+def world_export(n: int, seed: int, out: Path) -> None:
+    """Write real shapes16 renders (PNG) and labels.jsonl.  Example: noiserefine world export --n 48 --out real/"""
+    from noiserefine.world.export import export_world
+
+    click.echo(export_world(out, n, seed))
+
+
+@world.command("prompts")
+def world_prompts() -> None:
+    """Print the 48 shapes16 prompts (one per line): a ready prompt file."""
+    from noiserefine.world import ALL_PROMPTS
+
+    click.echo("\n".join(ALL_PROMPTS))
+
+
+# -- base model -------------------------------------------------------------------------------
+@main.command("train-base")
+@click.option("--steps", default=2500)
+@click.option("--batch-size", default=32)
+@click.option("--seed", default=0)
+@click.option("--out", type=PATH, required=True, help="run folder (resumes if it holds a checkpoint)")
+@_friendly_errors
+def train_base_cmd(steps: int, batch_size: int, seed: int, out: Path) -> None:
+    """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base"""
+    from noiserefine.train_base import BaseTrainConfig, train_base
+
+    click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed)))
+
+
+# -- sampling ---------------------------------------------------------------------------------
+def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--method", default="gaussian", help="gaussian | refined | golden | noise-diffusion | best-of-n"),
+        click.option("--refiner", type=PATH, default=None, help="refiner .safetensors (default: the shipped one)"),
+        click.option("--strength", default=1.0, help="refinement strength s in x_T + s * delta"),
+        click.option("--force", is_flag=True, help="load a refiner trained on another base model"),
+        click.option("--cfg", default=1.0, help="CFG scale w (1 = off)"),
+        click.option("--pag", default=0.0, help="PAG scale s (0 = off)"),
+        click.option("--steps", default=20, help="sampler steps"),
+        click.option("--scheduler", default="ddim", help="ddim | euler | dpm++"),
+        click.option("--model", default=None, help="base model: shapes16 (default), weights file or pipeline folder"),
+        click.option("--batch-size", default=64),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.option("--prompt-file", type=PATH, required=True, help="one prompt per line")
+@click.option("--seeds", required=True, help="seed range A-B (inclusive) or list A,B,C")
+@_method_options
+@click.option("--out", type=PATH, required=True, help="output folder (its parent must exist)")
+@_friendly_errors
+def sample(prompt_file: Path, seeds: str, out: Path, **opts: Any) -> None:
+    """One image per prompt and seed: PNGs + manifest.jsonl.
+
+    Example: noiserefine sample --prompt-file p.txt --seeds 0-7 --method refined --out samples/
+    """
+    from noiserefine.api import sample_to_folder
+    from noiserefine.sampling import seeds_from_range
+
+    path = sample_to_folder(_read_prompts(prompt_file), seeds_from_range(seeds), out, **opts)
+    click.echo(path)
+
+
+@main.command("eval")
+@click.argument("folder", type=PATH)
+@_friendly_errors
+def eval_cmd(folder: Path) -> None:
+    """Score a folder written by `sample` (adherence, per-attribute accuracy, FD; both judges)."""
+    from noiserefine.evaluation.folder import evaluate_folder
+
+    click.echo(json.dumps(evaluate_folder(folder), indent=2))
+
+
+# -- NoiseRefine ------------------------------------------------------------------------------
+@main.command()
+@click.option("--prompt-file", type=PATH, required=True)
+@click.option("--seeds", required=True, help="one target per seed; prompts are taken in turn")
+@click.option("--cfg", default="2.0", help="CFG scale of the teacher; a list 1.5,3,5 for scale conditioning")
+@click.option("--pag", default=0.0, help="PAG scale of the teacher")
+@click.option("--steps", default=20, help="teacher sampler steps N'")
+@click.option("--scheduler", default="ddim")
+@click.option("--shard-size", default=256)
+@click.option("--score", default="judge", help="target score for filtering: judge | none")
+@click.option("--model", default=None)
+@click.option("--batch-size", default=64)
+@click.option("--out", type=PATH, required=True, help="target folder (a killed run resumes here)")
+@_friendly_errors
+def targets(prompt_file: Path, seeds: str, cfg: str, out: Path, model: str | None, score: str,
+            batch_size: int, **spec: Any) -> None:
+    """Generate guided targets (x_T, prompt, x_0^Guide) in resumable safetensors shards.
+
+    Example: noiserefine targets --prompt-file p.txt --seeds 0-2047 --cfg 2 --out runs/targets
+    """
+    from noiserefine.api import make_targets
+    from noiserefine.sampling import seeds_from_range
+
+    click.echo(make_targets(_read_prompts(prompt_file), seeds_from_range(seeds), _floats(cfg), out,
+                            model=model, score=score, batch_size=batch_size, **spec))
+
+
+@main.command()
+@click.option("--targets", "targets_dir", type=PATH, required=True)
+@click.option("--steps", default=400, help="optimizer steps")
+@click.option("--batch-size", default=32, help="global batch (split across processes)")
+@click.option("--lr", default=1e-4)
+@click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))
+@click.option("--msd-steps", default=10, help="unguided sampler steps N inside the loss")
+@click.option("--rank", default=16, help="LoRA rank")
+@click.option("--keep-fraction", default=1.0, help="train on the best fraction of targets by score")
+@click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's CFG scale")
+@click.option("--seed", default=0)
+@click.option("--model", default=None)
+@click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
+@_friendly_errors
+def train(targets_dir: Path, out: Path, model: str | None, **cfg: Any) -> None:
+    """Train a NoiseRefine refiner with MSD (resumable; multi-GPU via `accelerate launch`).
+
+    Example: noiserefine train --targets runs/targets --steps 400 --out runs/refiner
+    """
+    from noiserefine.backbones.loading import load_backbone
+    from noiserefine.train import TrainConfig, train_refiner
+
+    click.echo(train_refiner(load_backbone(model), targets_dir, out, TrainConfig(**cfg)))
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@main.command()
+@click.option("--n", default=1000, help="images per row")
+@click.option("--batch-size", default=250)
+@click.option("--rows", default="default", help="comma list of row names, or 'default'")
+@click.option("--refiner", type=PATH, default=None)
+@click.option("--out", type=PATH, required=True)
+@_friendly_errors
+def bench(n: int, batch_size: int, rows: str, refiner: Path | None, out: Path) -> None:
+    """All methods, one process, same prompts and seeds: bench.md + bench.json.
+
+    Example: noiserefine bench --n 1000 --out runs/bench
+    """
+    from noiserefine.evaluation.bench import run_bench
+
+    click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner).read_text())
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise NoiseRefineError(f"expected numbers like 2 or 1.5,3,5, got {text!r}") from None
+
+
+if __name__ == "__main__":
+    main()

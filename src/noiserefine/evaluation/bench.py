@@ -1,0 +1,213 @@
+"""`noiserefine bench` (DESIGN.md section 4): every method in ONE process, on the same prompts
+and seeds, with time per image, model evaluations, memory, adherence and FD under two judges.
+
+A row is written `method[@opt+opt...]`, options `cfgW`, `pagS`, `stepsN`, `nN` (fewer images for
+an expensive row: the first N of the same prompts and seeds), `strengthS`. Examples:
+`gaussian`, `gaussian@cfg5`, `gaussian@cfg2+pag3`, `refined@steps5`, `noise-diffusion@n200`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from noiserefine.backbones.base import Backbone
+from noiserefine.backbones.loading import load_backbone
+from noiserefine.errors import NoiseRefineError
+from noiserefine.generation import SamplingOptions, generate_latents
+from noiserefine.guidance import Guidance
+from noiserefine.io import ensure_out_dir, write_json
+from noiserefine.methods.base import NoiseMethod
+from noiserefine.world.shapes16 import ALL_PROMPTS
+
+PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
+NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
+DEFAULT_ROWS = ("gaussian,gaussian@cfg1.5,gaussian@cfg3,gaussian@cfg5,gaussian@pag3,gaussian@cfg1.5+pag1.5,"
+                "refined,refined@cfg1.5,refined@steps5,gaussian@steps5")
+
+
+@dataclass
+class RowSpec:
+    method: str
+    cfg: float = 1.0
+    pag: float = 0.0
+    steps: int = 20
+    n: int | None = None
+    strength: float = 1.0
+
+    @property
+    def label(self) -> str:
+        g = Guidance(self.cfg, self.pag).name
+        extra = (f", {self.steps} steps" if self.steps != 20 else "") + (
+            f", s={self.strength:g}" if self.strength != 1.0 else "")
+        return f"{self.method} ({g}{extra})"
+
+
+def parse_row(text: str) -> RowSpec:
+    method, _, opts = text.strip().partition("@")
+    spec = RowSpec(method=method)
+    for opt in filter(None, opts.split("+")):
+        m = re.fullmatch(r"(cfg|pag|steps|n|strength)([0-9.]+)", opt)
+        if not m:
+            raise NoiseRefineError(f"bad bench row option {opt!r} in {text!r}")
+        key, val = m.groups()
+        setattr(spec, key, int(val) if key in ("steps", "n") else float(val))
+    return spec
+
+
+@dataclass
+class BenchSetup:
+    prompts: list[str]
+    seeds: list[int]
+    batch_size: int
+
+
+def bench_setup(n: int, batch_size: int) -> BenchSetup:
+    rng = np.random.default_rng(PROMPT_SEED)
+    prompts = [ALL_PROMPTS[i] for i in rng.integers(0, len(ALL_PROMPTS), size=n)]
+    return BenchSetup(prompts, [NOISE_SEED_OFFSET + i for i in range(n)], batch_size)
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms (CPU), or CUDA's own
+    peak counter on a GPU."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: BenchSetup,
+            judges: dict) -> tuple[dict[str, Any], torch.Tensor]:
+    """Time one row (after a one-batch warm-up) and score it."""
+    from noiserefine.evaluation.metrics import score_images
+
+    n = spec.n or len(setup.prompts)
+    prompts, seeds = setup.prompts[:n], setup.seeds[:n]
+    options = SamplingOptions(Guidance(spec.cfg, spec.pag), spec.steps, "ddim", setup.batch_size)
+    warm = min(setup.batch_size, n)
+    generate_latents(backbone, prompts[:warm], seeds[:warm], method, options)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        latents = generate_latents(backbone, prompts, seeds, method, options)
+        images = backbone.decode(latents)
+        seconds = time.perf_counter() - t0
+    nfe = spec.steps * Guidance(spec.cfg, spec.pag).branches + method.extra_nfe
+    row = {"row": spec.label, "method": spec.method, "cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
+           "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
+           "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
+           **score_images(images, prompts, judges), **getattr(method, "stats", {})}
+    return row, images
+
+
+def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
+              refiner: Path | None = None, model: str | None = None, progress: bool = True) -> Path:
+    """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path."""
+    from noiserefine.api import build_method
+    from noiserefine.evaluation.judge import load_judges
+
+    out = ensure_out_dir(out)
+    specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]
+    backbone = load_backbone(model)
+    judges = load_judges()
+    setup = bench_setup(n, batch_size)
+    methods = {s.method: None for s in specs}
+    teacher = _teacher(specs, backbone, refiner, build_method)
+    if teacher is not None and not any(_same_guidance(s, teacher) for s in specs):
+        specs.insert(1, teacher)  # the refiner's teacher row must be in the same run
+    results = []
+    for spec in tqdm(specs, desc="bench rows", disable=not progress):
+        method = build_method(spec.method, backbone, refiner=refiner, strength=spec.strength,
+                              **_budget_opts(spec, results))
+        row, _ = run_row(backbone, spec, method, setup, judges)
+        if spec.method == "refined" and teacher is not None:
+            row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag}
+        results.append(row)
+    reference = teacher or next((s for s in specs if s.method == "gaussian" and s.cfg != 1 and s.pag == 0), specs[0])
+    ref_row = next(r for r in results if r["row"] == reference.label)
+    for r in results:
+        r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
+    meta = {"n": n, "batch_size": batch_size, "sampler": "ddim (trailing)", "reference_row": reference.label,
+            "torch_threads": torch.get_num_threads(), "device": str(backbone.device), "methods": list(methods)}
+    write_json(out / "bench.json", {"meta": meta, "rows": results})
+    (out / "bench.md").write_text(format_table(results, meta))
+    return out / "bench.md"
+
+
+def _teacher(specs, backbone, refiner, build_method) -> RowSpec | None:
+    if not any(s.method == "refined" for s in specs):
+        return None
+    meta = build_method("refined", backbone, refiner=refiner).refiner.meta
+    cfgs = meta["config"]["teacher"]["cfg"]
+    if len(cfgs) != 1:
+        return None  # a scale-conditioned refiner has no single teacher
+    return RowSpec("gaussian", cfg=float(cfgs[0]), pag=float(meta["config"]["teacher"]["pag"]),
+                   steps=int(meta["config"]["teacher"]["steps"]))
+
+
+def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
+    return (a.method, a.cfg, a.pag, a.steps, a.n) == (b.method, b.cfg, b.pag, b.steps, b.n)
+
+
+def _budget_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
+    """best-of-n gets the scorer budget Noise Diffusion used earlier in the same run."""
+    if spec.method != "best-of-n":
+        return {}
+    nd = [r for r in results if r["method"] == "noise-diffusion" and "scorer_calls_per_image" in r]
+    return {"budget": max(1, round(nd[-1]["scorer_calls_per_image"]))} if nd else {}
+
+
+def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = ("| row | NFE/img | s/img | x CFG-ref time | adherence | held-out adh. | color | shape | position "
+            "| FD | held-out FD | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} "
+        f"| {r['sec_per_image'] * 1e3:.2f} ms | {r['ratio_to_cfg']:.2f} | {r['adherence']:.3f} "
+        f"| {r.get('heldout_adherence', float('nan')):.3f} | {r['acc_color']:.3f} | {r['acc_shape']:.3f} "
+        f"| {r['acc_position']:.3f} | {r['fd']:.1f} | {r.get('heldout_fd', float('nan')):.1f} | {r['peak_mem_mb']:.0f} |\n"
+        for r in rows)
+    note = (f"\n{meta['n']} images per row (same prompts and seeds), {meta['sampler']}, batch {meta['batch_size']}, "
+            f"{meta['torch_threads']} torch thread(s) on {meta['device']}; time ratio is to `{meta['reference_row']}`.\n")
+    return head + body + note
+
+
+def _subset(row: dict[str, Any], meta: dict[str, Any]) -> str:
+    return "" if row["n_images"] == meta["n"] else f" [n={row['n_images']}]"

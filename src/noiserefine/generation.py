@@ -1,0 +1,48 @@
+"""High-level generation: prompts x seeds -> images, through a noise method and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from noiserefine.backbones.base import Backbone
+from noiserefine.guidance import UNGUIDED, Guidance
+from noiserefine.methods.base import GaussianNoise, NoiseMethod
+from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
+
+
+@dataclass
+class SamplingOptions:
+    guidance: Guidance = UNGUIDED
+    steps: int = 20
+    scheduler: str = "ddim"
+    batch_size: int = 64
+
+
+def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int],
+                     method: NoiseMethod | None = None, options: SamplingOptions = SamplingOptions(),
+                     progress: bool = False) -> torch.Tensor:
+    """One sample per (prompt, seed) pair, in order; the noise of pair i comes from seeds[i]."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    method = method or GaussianNoise()
+    out = []
+    for lo in tqdm(range(0, len(prompts), options.batch_size), disable=not progress, desc=method.name):
+        p = list(prompts[lo: lo + options.batch_size])
+        x_T = noise_for_seeds(list(seeds[lo: lo + options.batch_size]), backbone.latent_shape)
+        x_T = method(x_T.to(backbone.device, backbone.dtype), p)
+        out.append(sample_from_noise(backbone, x_T, p, options))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_from_noise(backbone: Backbone, x_T: torch.Tensor, prompts: Sequence[str],
+                      options: SamplingOptions) -> torch.Tensor:
+    """Latents x_0 from given initial noise (unguided or guided)."""
+    cond = backbone.encode_prompts(prompts)
+    uncond = backbone.encode_prompts([""] * len(prompts)) if options.guidance.uses_uncond else None
+    sched = make_scheduler(options.scheduler, backbone.scheduler_config)
+    return denoise(backbone, sched, x_T, cond, uncond=uncond, guidance=options.guidance, steps=options.steps)

@@ -1,0 +1,78 @@
+"""Safe file handling: atomic writes and loading safetensors with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from noiserefine.errors import NoiseRefineError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors save (contiguous CPU copies)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing or truncated file is a one-line NoiseRefineError."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoiseRefineError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise NoiseRefineError(f"weights file {path} is truncated or corrupt ({err})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NoiseRefineError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise NoiseRefineError(f"config file {path} is not valid JSON ({err})") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def ensure_out_dir(path: Path) -> Path:
+    """Create an output folder; its parent must exist (a typo should not build a tree silently)."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise NoiseRefineError(f"parent folder of the output does not exist: {path.parent}")
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) over a module's own weights, in name order.
+
+    LoRA weights are skipped and peft's `.base_layer` renaming undone, so a model hashes the same
+    with or without a refiner attached."""
+    h = hashlib.sha256()
+    state = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

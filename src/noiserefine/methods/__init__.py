@@ -1,0 +1,1 @@
+"""Initial-noise methods: NoiseRefine, Golden Noise (NPNet), Noise Diffusion, best-of-N."""

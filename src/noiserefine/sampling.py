@@ -1,0 +1,133 @@
+"""The sampler loop: (backbone, scheduler, x_T, cond, guidance, grad_mode) -> x_0.
+
+Samplers never draw their own noise: x_T (unit variance) is an argument, scaled here by the
+scheduler's `init_noise_sigma`. Gradient mode is an argument, not a decorator:
+
+- "none": no autograd graph at all (inference).
+- "msd":  Multistep Score Distillation (NoiseRefine Eq. 5): every model output is computed without
+          a graph (stop-gradient), while the scheduler's update algebra keeps the graph w.r.t. x_T.
+          Memory is flat in the number of steps N.
+- "full": gradients through the model at every step (NoiseRefine Eq. 3); memory grows with N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+from noiserefine.backbones.base import Backbone, Cond
+from noiserefine.errors import NoiseRefineError
+from noiserefine.guidance import UNGUIDED, Guidance, guided_prediction
+
+GradMode = Literal["none", "msd", "full"]
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+    """A diffusers scheduler of kind `name` on the backbone's noise schedule, trailing spacing
+    (so the first step starts at t = T)."""
+    if name not in SCHEDULERS:
+        raise NoiseRefineError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(dict(base_config), timestep_spacing="trailing", **overrides)
+
+
+def noise_for_seeds(seeds: list[int], shape: tuple[int, ...],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One generator per seed (as EDM2 does), so a sample does not depend on its batch."""
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
+        for s in seeds
+    ])
+
+
+def check_noise(x_T: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
+    """Reject noise of the wrong shape, dtype or with non-finite values (never silently fix it)."""
+    if not isinstance(x_T, torch.Tensor):
+        raise NoiseRefineError(f"noise must be a torch.Tensor, got {type(x_T).__name__}")
+    if tuple(x_T.shape[1:]) != tuple(latent_shape) or x_T.ndim != len(latent_shape) + 1:
+        raise NoiseRefineError(
+            f"noise has shape {tuple(x_T.shape)}, expected (batch, {', '.join(map(str, latent_shape))})")
+    if not x_T.is_floating_point():
+        raise NoiseRefineError(f"noise must be a floating-point tensor, got {x_T.dtype}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise NoiseRefineError("noise contains NaN or infinite values")
+
+
+def _grad_context(grad_mode: GradMode) -> contextlib.AbstractContextManager:
+    if grad_mode not in ("none", "msd", "full"):
+        raise NoiseRefineError(f"grad_mode must be 'none', 'msd' or 'full', got {grad_mode!r}")
+    return torch.enable_grad() if grad_mode == "full" else torch.no_grad()
+
+
+def denoise(
+    backbone: Backbone,
+    scheduler: SchedulerMixin,
+    x_T: torch.Tensor,
+    cond: Cond,
+    *,
+    steps: int = 20,
+    uncond: Cond | None = None,
+    guidance: Guidance = UNGUIDED,
+    grad_mode: GradMode = "none",
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the sampler from x_T to x_0 (latent space).
+
+    Args:
+        x_T: (B, *latent_shape) unit-variance initial noise.
+        cond / uncond: conditioning of the prompts and of the empty prompt (needed for CFG).
+        steps: number of sampler steps.
+        guidance: none / CFG / PAG / CFG+PAG; every branch in one batched forward per step.
+        grad_mode: "none", "msd" (stop-gradient on model outputs, Eq. 5) or "full" (Eq. 3).
+        callback: called as callback(i, t, x) after each step.
+    Returns:
+        x_0, (B, *latent_shape).
+    """
+    check_noise(x_T, backbone.latent_shape)
+    if steps < 1:
+        raise NoiseRefineError(f"steps must be >= 1, got {steps}")
+    scheduler.set_timesteps(steps, device=x_T.device)
+    x = x_T * scheduler.init_noise_sigma
+    outer = torch.no_grad() if grad_mode == "none" else contextlib.nullcontext()
+    with outer:
+        for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
+            x_in = scheduler.scale_model_input(x, t)
+            with _grad_context(grad_mode):
+                out = guided_prediction(backbone, x_in, t, cond, uncond, guidance)
+            x = scheduler.step(out, t, x, return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, x)
+    return x
+
+
+def seeds_from_range(spec: str) -> list[int]:
+    """Parse `A-B` (inclusive) or `A,B,C` into a list of seeds."""
+    try:
+        if "-" in spec.strip("-"):
+            a, b = spec.split("-", 1)
+            seeds = list(range(int(a), int(b) + 1))
+        else:
+            seeds = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise NoiseRefineError(f"seeds must look like '0-99' or '1,5,9', got {spec!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise NoiseRefineError(f"seed range {spec!r} is empty or negative")
+    return seeds
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8; out-of-range values are clipped for display."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,180 @@
+"""Training the noise-refining network (NoiseRefine section 3.2-3.4) with accelerate.
+
+Losses (the `loss` option):
+- "msd":   Multistep Score Distillation, Eqs. 4-5: x_hat_T = g_phi(x_T); N unguided sampler steps
+           with a stop-gradient on every model output; L2 to the guided target x_0^Guide.
+- "full":  the full-gradient loss, Eq. 3 (backpropagates through all N model evaluations).
+- "noise": noise-space regression to the DDIM-inversion noise of the target (Tab. 1 ablation).
+
+Batches are drawn by generators seeded with (seed, step), and each of P processes takes a
+disjoint 1/P of the global batch; so a resumed run equals an uninterrupted one and a 2-process
+run equals a 1-process run up to float reduction order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from noiserefine.backbones.base import Backbone
+from noiserefine.checkpoint import load_checkpoint, save_checkpoint
+from noiserefine.errors import NoiseRefineError
+from noiserefine.inversion import ddim_invert
+from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
+from noiserefine.sampling import denoise, make_scheduler
+from noiserefine.targets import TargetSet, load_targets
+
+LossName = Literal["msd", "full", "noise"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-4
+    loss: LossName = "msd"
+    msd_steps: int = 10
+    scheduler: str = "ddim"
+    rank: int = 16
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    scale_conditioning: bool = False
+    keep_fraction: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    grad_clip: float = 1.0
+
+
+class RefinerObjective(nn.Module):
+    """The training objective as one module, so accelerate/DDP sees the refiner's parameters
+    (LoRA inside the denoiser, delta head, scale projection) and averages their gradients."""
+
+    def __init__(self, refiner: NoiseRefiner, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.refiner = refiner
+        self.denoiser = refiner.backbone.denoiser
+        self.cfg = cfg
+
+    def forward(self, x_T: torch.Tensor, x_0: torch.Tensor, prompts: list[str], w: torch.Tensor,
+                inv_noise: torch.Tensor | None = None) -> torch.Tensor:
+        backbone = self.refiner.backbone
+        with torch.no_grad():
+            cond = backbone.encode_prompts(prompts)
+        x_hat = self.refiner(x_T, cond, guidance_scale=w if self.refiner.scale_proj is not None else None)
+        if self.cfg.loss == "noise":
+            return torch.nn.functional.mse_loss(x_hat, inv_noise)
+        sched = make_scheduler(self.cfg.scheduler, backbone.scheduler_config)
+        x0_hat = denoise(backbone, sched, x_hat, cond, steps=self.cfg.msd_steps, grad_mode=self.cfg.loss)
+        return torch.nn.functional.mse_loss(x0_hat, x_0)  # Eq. 4: d = L2 in latent space
+
+
+def _global_batch(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
+    return np.random.default_rng([cfg.seed, step]).choice(n, size=cfg.batch_size, replace=n < cfg.batch_size)
+
+
+def train_refiner(backbone: Backbone, targets: Path, out: Path, cfg: TrainConfig = TrainConfig(),
+                  accelerator: Accelerator | None = None, progress: bool = True) -> Path:
+    """Train (or resume) a refiner on a target folder. Writes `out/refiner.safetensors` + JSON,
+    checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps)."""
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(out)
+    data = load_targets(targets, cfg.keep_fraction)
+    _check_base(data, backbone)
+    if cfg.batch_size % acc.num_processes:
+        raise NoiseRefineError(f"batch size {cfg.batch_size} must divide by {acc.num_processes} processes")
+    spec = data.manifest["spec"]
+    teacher = {"cfg": spec["cfg"], "pag": spec["pag"], "steps": spec["steps"], "scheduler": spec["scheduler"]}
+    torch.manual_seed(cfg.seed)
+    defaults = dict(getattr(backbone, "refiner_defaults", {}))  # e.g. DiT's output layer name
+    refiner = NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),
+                                                   target_modules=cfg.target_modules,
+                                                   scale_conditioning=cfg.scale_conditioning, teacher=teacher))
+    objective = RefinerObjective(refiner, cfg)
+    params = refiner.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    objective, opt = acc.prepare(objective, opt)
+    inv = _inversion_noise(backbone, data, cfg) if cfg.loss == "noise" else None
+    ckpt_modules = {"refiner": _RefinerState(refiner)}
+    meta = load_checkpoint(out / "checkpoint", ckpt_modules, opt) if out.exists() else None
+    if meta and meta["config"] != _comparable(cfg):
+        raise NoiseRefineError(f"{out} holds a run with another configuration; use a new folder")
+    start, losses = (meta["step"], meta["losses"]) if meta else (0, [])
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.loss})",
+               disable=not (progress and acc.is_main_process))
+    t0 = time.time()
+    for step in bar:
+        loss = _train_step(objective, opt, params, data, inv, cfg, step, acc)
+        losses.append(loss)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if acc.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(out / "checkpoint", step + 1, ckpt_modules, opt,
+                            {"losses": losses, "config": _comparable(cfg)})
+        acc.wait_for_everyone()
+    path = out / "refiner.safetensors"
+    if acc.is_main_process:
+        refiner.save(path, {"training": asdict(cfg), "targets": str(targets), "num_targets": len(data),
+                            "final_loss_avg20": float(np.mean(losses[-20:])),
+                            "train_seconds_this_run": round(time.time() - t0, 1)})
+    acc.wait_for_everyone()
+    return path
+
+
+def _train_step(objective, opt, params, data: TargetSet, inv, cfg: TrainConfig, step: int,
+                acc: Accelerator) -> float:
+    idx = _global_batch(cfg, step, len(data))
+    per = cfg.batch_size // acc.num_processes
+    mine = idx[acc.process_index * per: (acc.process_index + 1) * per]
+    dev = acc.device
+    x_T, x_0 = data.x_T[mine].to(dev), data.x_0[mine].to(dev)
+    prompts = [data.prompts[i] for i in mine]
+    loss = objective(x_T, x_0, prompts, data.cfg[mine].to(dev), None if inv is None else inv[mine].to(dev))
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    if cfg.grad_clip:
+        acc.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return float(acc.reduce(loss.detach(), reduction="mean"))
+
+
+def _inversion_noise(backbone: Backbone, data: TargetSet, cfg: TrainConfig) -> torch.Tensor:
+    """DDIM-inversion noise of every target (unguided, N steps), for the noise-space loss."""
+    chunks = []
+    for lo in tqdm(range(0, len(data), 64), desc="inverting targets", leave=False):
+        cond = backbone.encode_prompts(data.prompts[lo: lo + 64])
+        chunks.append(ddim_invert(backbone, data.x_0[lo: lo + 64].to(backbone.device), cond, steps=cfg.msd_steps).cpu())
+    return torch.cat(chunks)
+
+
+def _check_base(data: TargetSet, backbone: Backbone) -> None:
+    if data.manifest["base"] != backbone.fingerprint():
+        raise NoiseRefineError(
+            f"targets were generated by {data.manifest['base']}, the model here is {backbone.fingerprint()}")
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The configuration a resumed run must share (the step budget may grow)."""
+    d = asdict(cfg)
+    d.pop("steps")
+    return d
+
+
+class _RefinerState(nn.Module):
+    """Adapter so the checkpoint helper can save/restore the refiner's own weights."""
+
+    def __init__(self, refiner: NoiseRefiner) -> None:
+        super().__init__()
+        self._refiner = [refiner]  # not a submodule: avoid re-registering the backbone
+
+    def state_dict(self, *args, **kwargs):
+        return self._refiner[0].refiner_state_dict()
+
+    def load_state_dict(self, state, strict: bool = True):
+        self._refiner[0].load_refiner_state_dict(state)
