@@ -113,3 +113,102 @@ def make_tiny_sd_pipe() -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(**tiny_sd_components())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- SDXL ---------------------------------------------------------------------------------------
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """diffusers' SDXL `get_dummy_components` UNet: text_time added conditioning, 6 x 8 time ids
+    + a 32-d pooled projection, cross-attention over both encoders' 32 + 32 channels."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=1,
+    )
+
+
+def tiny_sdxl_components(force_zeros_for_empty_prompt: bool = True) -> dict[str, Any]:
+    """Keyword arguments for `StableDiffusionXLPipeline(**components)`; DDIM (trailing)."""
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    text_encoder = tiny_text_encoder(len(tokenizer))
+    torch.manual_seed(1)  # the second encoder must differ from the first
+    config = CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": 32})
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    return {
+        "unet": tiny_sdxl_unet().eval(),
+        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
+        "vae": tiny_vae().eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tiny_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+        "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+    }
+
+
+def make_tiny_sdxl_pipe(force_zeros_for_empty_prompt: bool = True):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(force_zeros_for_empty_prompt))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- DiT / SiT ----------------------------------------------------------------------------------
+DIT_LABELS = {0: "tabby cat, tabby", 1: "golden retriever", 2: "goldfish"}
+DIT_SCHEDULER_CONFIG: dict[str, Any] = {  # as facebook/DiT-XL-2-256's DDIM, with trailing spacing
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "timestep_spacing": "trailing",
+}
+
+
+def tiny_dit(num_layers: int = 2, num_classes: int = 1000):
+    """diffusers' DiT `get_dummy_components` transformer: learned sigma (8 = 2 x 4 output
+    channels), 1000 classes + the null class (label dropout 0.1 in CombinedTimestepLabelEmbeddings)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        sample_size=8,
+        num_layers=num_layers,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    ).eval()
+
+
+def make_tiny_dit_pipe(flow: bool = False):
+    """A DiTPipeline on tiny seeded components; `flow=True` gives the SiT-style folder layout
+    (a FlowMatchEulerDiscreteScheduler)."""
+    from diffusers import DiTPipeline, FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler(**DIT_SCHEDULER_CONFIG)
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=tiny_vae().eval(), scheduler=scheduler, id2label=DIT_LABELS)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

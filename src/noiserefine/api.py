@@ -61,10 +61,10 @@ def build_method(name: str, backbone: Backbone, refiner: Path | None = None, str
 def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *, method: str = "gaussian",
                      refiner: Path | None = None, strength: float = 1.0, force: bool = False,
                      cfg: float = 1.0, pag: float = 0.0, steps: int = 20, scheduler: str = "ddim",
-                     model: str | None = None, batch_size: int = 64) -> Path:
+                     model: str | None = None, batch_size: int = 64, dtype: str | None = None) -> Path:
     """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, steps)."""
     out = ensure_out_dir(out)
-    backbone = load_backbone(model)
+    backbone = load_backbone(model, dtype=dtype)
     noise = build_method(method, backbone, refiner=refiner, strength=strength, force=force)
     pairs = [(p, s) for p in prompts for s in seeds]
     _validate_prompts(backbone, prompts)
@@ -83,24 +83,27 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
 
 def make_targets(prompts: Sequence[str], seeds: Sequence[int], cfg: Sequence[float], out: Path, *,
                  pag: float = 0.0, steps: int = 20, scheduler: str = "ddim", shard_size: int = 256,
-                 score: str = "judge", model: str | None = None, batch_size: int = 64) -> Path:
+                 score: str = "judge", model: str | None = None, batch_size: int = 64, dtype: str | None = None,
+                 clip_model: str | None = None, aesthetic_model: str | None = None) -> Path:
     """Guided targets for NoiseRefine (see `noiserefine.targets`)."""
-    backbone = load_backbone(model)
+    backbone = load_backbone(model, dtype=dtype)
     _validate_prompts(backbone, prompts)
     spec = TargetSpec(prompts=list(prompts), seeds=list(seeds), cfg=list(cfg), pag=pag, steps=steps,
                       scheduler=scheduler, shard_size=shard_size, score=score)
     # Under `accelerate launch`, process i writes shards i, i+P, i+2P, ... of the same folder.
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     shard_ids = range(state.process_index, spec.num_shards, state.num_processes)
-    generate_targets(backbone, spec, out, scorer=_scorer(score), batch_size=batch_size, shard_ids=shard_ids,
+    scorer = _scorer(score, backbone, clip_model, aesthetic_model)
+    generate_targets(backbone, spec, out, scorer=scorer, batch_size=batch_size, shard_ids=shard_ids,
                      progress=state.is_main_process)
     state.wait_for_everyone()
     return Path(out)
 
 
-def _scorer(name: str):
+def _scorer(name: str, backbone: Backbone, clip_model: str | None, aesthetic_model: str | None):
+    """Target score: 'none', 'judge' (shapes16), or a real-image scorer from local models."""
     if name == "none":
         return None
     if name == "judge":
@@ -108,7 +111,9 @@ def _scorer(name: str):
 
         judge = load_judge("primary")
         return lambda images, prompts: judge.prompt_probability(images, prompts)
-    raise NoiseRefineError(f"unknown target score {name!r}; choose 'judge' or 'none'")
+    from noiserefine.evaluation.scorers import load_scorer
+
+    return load_scorer(name, clip_model=clip_model, aesthetic_model=aesthetic_model, device=backbone.device)
 
 
 def _validate_prompts(backbone: Backbone, prompts: Sequence[str]) -> None:

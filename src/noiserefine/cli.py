@@ -86,16 +86,44 @@ def world_prompts() -> None:
 @click.option("--steps", default=2500)
 @click.option("--batch-size", default=32)
 @click.option("--seed", default=0)
+@click.option("--snapshot-every", default=0, help="also keep EMA weights every K steps (0 = off)")
 @click.option("--out", type=PATH, required=True, help="run folder (resumes if it holds a checkpoint)")
 @_friendly_errors
-def train_base_cmd(steps: int, batch_size: int, seed: int, out: Path) -> None:
+def train_base_cmd(steps: int, batch_size: int, seed: int, snapshot_every: int, out: Path) -> None:
     """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base"""
     from noiserefine.train_base import BaseTrainConfig, train_base
 
-    click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed)))
+    click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed,
+                                               snapshot_every=snapshot_every)))
 
 
 # -- sampling ---------------------------------------------------------------------------------
+def _preset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--preset (a paper recipe: sd21, sdxl, sit-xl-2) and --dtype; typed flags beat the preset."""
+    fn = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                      help="model dtype (default: fp32, or the preset's)")(fn)
+    fn = click.option("--preset", default=None, help="paper recipe: sd21 | sdxl | sit-xl-2")(fn)
+    return click.pass_context(fn)
+
+
+def _with_preset(ctx: click.Context, command: str) -> dict[str, Any]:
+    from noiserefine.presets import apply_preset, explicit_options
+
+    params = apply_preset(ctx.params.get("preset"), command, ctx.params, explicit_options(ctx))
+    params.pop("preset")
+    return params
+
+
+def _prompts_for(params: dict[str, Any], preset: str | None) -> list[str]:
+    if params.get("prompt_file") is not None:
+        return _read_prompts(params["prompt_file"])
+    from noiserefine.presets import get_preset
+
+    if preset and get_preset(preset).class_prompts:
+        return list(get_preset(preset).class_prompts)
+    raise NoiseRefineError("--prompt-file is required (one prompt per line)")
+
+
 def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--method", default="gaussian", help="gaussian | refined | golden | noise-diffusion | best-of-n"),
@@ -115,12 +143,13 @@ def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command()
-@click.option("--prompt-file", type=PATH, required=True, help="one prompt per line")
+@click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
 @click.option("--seeds", required=True, help="seed range A-B (inclusive) or list A,B,C")
 @_method_options
 @click.option("--out", type=PATH, required=True, help="output folder (its parent must exist)")
+@_preset_options
 @_friendly_errors
-def sample(prompt_file: Path, seeds: str, out: Path, **opts: Any) -> None:
+def sample(ctx: click.Context, **_: Any) -> None:
     """One image per prompt and seed: PNGs + manifest.jsonl.
 
     Example: noiserefine sample --prompt-file p.txt --seeds 0-7 --method refined --out samples/
@@ -128,8 +157,11 @@ def sample(prompt_file: Path, seeds: str, out: Path, **opts: Any) -> None:
     from noiserefine.api import sample_to_folder
     from noiserefine.sampling import seeds_from_range
 
-    path = sample_to_folder(_read_prompts(prompt_file), seeds_from_range(seeds), out, **opts)
-    click.echo(path)
+    params = _with_preset(ctx, "sample")
+    prompts = _prompts_for(params, ctx.params.get("preset"))
+    params.pop("prompt_file")
+    seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
+    click.echo(sample_to_folder(prompts, seeds, out, **params))
 
 
 @main.command("eval")
@@ -144,29 +176,35 @@ def eval_cmd(folder: Path) -> None:
 
 # -- NoiseRefine ------------------------------------------------------------------------------
 @main.command()
-@click.option("--prompt-file", type=PATH, required=True)
+@click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
 @click.option("--seeds", required=True, help="one target per seed; prompts are taken in turn")
 @click.option("--cfg", default="2.0", help="CFG scale of the teacher; a list 1.5,3,5 for scale conditioning")
 @click.option("--pag", default=0.0, help="PAG scale of the teacher")
 @click.option("--steps", default=20, help="teacher sampler steps N'")
 @click.option("--scheduler", default="ddim")
 @click.option("--shard-size", default=256)
-@click.option("--score", default="judge", help="target score for filtering: judge | none")
+@click.option("--score", default="judge", help="target score for filtering: judge | clip | aesthetic | none")
+@click.option("--clip-model", default=None, help="local CLIP folder (for --score clip / aesthetic)")
+@click.option("--aesthetic-model", default=None, help="local aesthetic-predictor safetensors")
 @click.option("--model", default=None)
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="target folder (a killed run resumes here)")
+@_preset_options
 @_friendly_errors
-def targets(prompt_file: Path, seeds: str, cfg: str, out: Path, model: str | None, score: str,
-            batch_size: int, **spec: Any) -> None:
+def targets(ctx: click.Context, **_: Any) -> None:
     """Generate guided targets (x_T, prompt, x_0^Guide) in resumable safetensors shards.
+    Under `accelerate launch`, processes write disjoint shards of one folder.
 
     Example: noiserefine targets --prompt-file p.txt --seeds 0-2047 --cfg 2 --out runs/targets
     """
     from noiserefine.api import make_targets
     from noiserefine.sampling import seeds_from_range
 
-    click.echo(make_targets(_read_prompts(prompt_file), seeds_from_range(seeds), _floats(cfg), out,
-                            model=model, score=score, batch_size=batch_size, **spec))
+    params = _with_preset(ctx, "targets")
+    prompts = _prompts_for(params, ctx.params.get("preset"))
+    params.pop("prompt_file")
+    seeds, cfg, out = seeds_from_range(params.pop("seeds")), _floats(str(params.pop("cfg"))), params.pop("out")
+    click.echo(make_targets(prompts, seeds, cfg, out, **params))
 
 
 @main.command()
@@ -176,14 +214,16 @@ def targets(prompt_file: Path, seeds: str, cfg: str, out: Path, model: str | Non
 @click.option("--lr", default=1e-4)
 @click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))
 @click.option("--msd-steps", default=10, help="unguided sampler steps N inside the loss")
+@click.option("--scheduler", default="ddim", help="sampler inside the loss: ddim | euler | dpm++")
 @click.option("--rank", default=16, help="LoRA rank")
 @click.option("--keep-fraction", default=1.0, help="train on the best fraction of targets by score")
 @click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's CFG scale")
 @click.option("--seed", default=0)
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
+@_preset_options
 @_friendly_errors
-def train(targets_dir: Path, out: Path, model: str | None, **cfg: Any) -> None:
+def train(ctx: click.Context, **_: Any) -> None:
     """Train a NoiseRefine refiner with MSD (resumable; multi-GPU via `accelerate launch`).
 
     Example: noiserefine train --targets runs/targets --steps 400 --out runs/refiner
@@ -191,7 +231,10 @@ def train(targets_dir: Path, out: Path, model: str | None, **cfg: Any) -> None:
     from noiserefine.backbones.loading import load_backbone
     from noiserefine.train import TrainConfig, train_refiner
 
-    click.echo(train_refiner(load_backbone(model), targets_dir, out, TrainConfig(**cfg)))
+    params = _with_preset(ctx, "train")
+    targets_dir, out = params.pop("targets_dir"), params.pop("out")
+    backbone = load_backbone(params.pop("model"), dtype=params.pop("dtype"))
+    click.echo(train_refiner(backbone, targets_dir, out, TrainConfig(**params)))
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -210,6 +253,43 @@ def bench(n: int, batch_size: int, rows: str, refiner: Path | None, out: Path) -
     from noiserefine.evaluation.bench import run_bench
 
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner).read_text())
+
+
+@main.command()
+@click.option("--n", default=1000, help="bench images per row")
+@click.option("--out", type=PATH, required=True)
+@_friendly_errors
+def demo(n: int, out: Path) -> None:
+    """The main job on the embedded default: picture grid (grid.png) + bench table.
+
+    Example: noiserefine demo --out runs/demo
+    """
+    from noiserefine.demo import run_demo
+
+    click.echo(run_demo(out, n=n).read_text())
+
+
+@main.command()
+@click.option("--n", default=300, help="images per measurement")
+@click.option("--refiner", type=PATH, default=None)
+@click.option("--out", type=PATH, required=True)
+@_friendly_errors
+def analyze(n: int, refiner: Path | None, out: Path) -> None:
+    """Section-5 analyses of a refiner: change size, frequency content, band swaps, strength.
+
+    Example: noiserefine analyze --out runs/analysis
+    """
+    from noiserefine.analysis import AnalysisInputs, run_analysis
+    from noiserefine.api import load_refiner
+    from noiserefine.evaluation.bench import bench_setup
+    from noiserefine.evaluation.judge import load_judges
+    from noiserefine.evaluation.metrics import score_images
+
+    judges = load_judges()
+    setup = bench_setup(n, batch_size=n)
+    inputs = AnalysisInputs(load_refiner(path=refiner), setup.prompts, setup.seeds,
+                            lambda images, prompts: score_images(images, prompts, judges))
+    click.echo(json.dumps(run_analysis(inputs, out), indent=2))
 
 
 def _floats(text: str) -> list[float]:

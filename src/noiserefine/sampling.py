@@ -17,7 +17,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
@@ -35,7 +36,11 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     """A diffusers scheduler of kind `name` on the backbone's noise schedule, trailing spacing
-    (so the first step starts at t = T)."""
+    (so the first step starts at t = T). Flow-matching models (SiT) take their own Euler."""
+    if base_config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
+        if name != "euler":
+            raise NoiseRefineError(f"a flow-matching model samples with 'euler', not {name!r}")
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(base_config))
     if name not in SCHEDULERS:
         raise NoiseRefineError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
@@ -99,11 +104,11 @@ def denoise(
     if steps < 1:
         raise NoiseRefineError(f"steps must be >= 1, got {steps}")
     scheduler.set_timesteps(steps, device=x_T.device)
-    x = x_T * scheduler.init_noise_sigma
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
     outer = torch.no_grad() if grad_mode == "none" else contextlib.nullcontext()
     with outer:
         for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             with _grad_context(grad_mode):
                 out = guided_prediction(backbone, x_in, t, cond, uncond, guidance)
             x = scheduler.step(out, t, x, return_dict=False)[0]
@@ -127,7 +132,13 @@ def seeds_from_range(spec: str) -> list[int]:
     return seeds
 
 
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images exactly as a PNG holds them (clamped to [-1, 1], quantised to 8 bits), so scores
+    computed in memory equal scores of the saved files."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8; out-of-range values are clipped for display."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as a PNG stores it (see `as_saved`)."""
+    arr = ((as_saved(images) + 1) * 127.5).round().to(torch.uint8)
     return arr.permute(0, 2, 3, 1).cpu().numpy()

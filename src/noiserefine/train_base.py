@@ -31,6 +31,7 @@ class BaseTrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 250
+    snapshot_every: int = 0  # also keep EMA weights every K steps (to pick the world's base model)
 
 
 def _batch(cfg: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -82,6 +83,10 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out / "checkpoint", step + 1, modules, opt, {"losses": losses, "config": asdict(cfg)})
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            (out / "snapshots").mkdir(exist_ok=True)
+            Shapes16Backbone(copy.deepcopy(ema["unet"]), copy.deepcopy(ema["enc"])).save(
+                out / "snapshots" / f"shapes16-base-step{step + 1}.safetensors", {"training": asdict(cfg), "step": step + 1})
     final = Shapes16Backbone(ema["unet"], ema["enc"])
     path = out / "shapes16-base.safetensors"
     final.save(path, {"training": asdict(cfg), "final_loss_avg50": float(np.mean(losses[-50:])),

@@ -36,6 +36,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "v_prediction",
 }
 EMBED_DIM = 64
+# PAG on the 8 x 8 self-attention layers: on the 4 x 4 mid block identity attention changes the
+# prediction by ~0.1%, on these by ~4% (measured on the shipped model at t = 200-900).
+PAG_LAYERS = ("down_blocks.1", "up_blocks.1")
 SLOTS = (tuple(COLORS), SHAPES, tuple(POSITIONS))
 DEFAULT_WEIGHTS = "shapes16-base.safetensors"
 
@@ -71,7 +74,7 @@ class Shapes16Backbone:
     scheduler_config = SCHEDULER_CONFIG
 
     def __init__(self, unet: UNet2DConditionModel, prompt_encoder: PromptEncoder,
-                 pag_layers: Sequence[str] = ("mid",)) -> None:
+                 pag_layers: Sequence[str] = PAG_LAYERS) -> None:
         self.denoiser = unet
         self.prompt_encoder = prompt_encoder
         self.pag_layers = tuple(pag_layers)
@@ -86,11 +89,11 @@ class Shapes16Backbone:
         return cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder())
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Shapes16Backbone":
+    def load(cls, path: str | Path | None = None, pag_layers: Sequence[str] = PAG_LAYERS) -> "Shapes16Backbone":
         """Load weights (the shipped base model when `path` is None)."""
         path = Path(path) if path else Path(str(resources.files("noiserefine") / "weights" / DEFAULT_WEIGHTS))
         tensors = load_tensors(path)
-        model = cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder())
+        model = cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder(), pag_layers)
         try:
             model.denoiser.load_state_dict(_strip(tensors, "unet."))
             model.prompt_encoder.load_state_dict(_strip(tensors, "prompt_encoder."))

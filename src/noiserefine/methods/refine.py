@@ -63,8 +63,10 @@ class RefinerConfig:
 class NoiseRefiner(nn.Module):
     """g_phi attached to a backbone. Call `refiner(x_T, cond, strength=1.0)` -> refined noise."""
 
-    def __init__(self, backbone: Backbone, config: RefinerConfig = RefinerConfig()) -> None:
+    def __init__(self, backbone: Backbone, config: RefinerConfig | None = None) -> None:
         super().__init__()
+        # A backbone may name its own output/time-embedding layers (DiT: proj_out_2, ...).
+        config = config or RefinerConfig(**getattr(backbone, "refiner_defaults", {}))
         self.backbone = backbone
         self.config = config
         net = backbone.denoiser
