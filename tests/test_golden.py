@@ -78,6 +78,9 @@ def test_redenoise_moves_the_noise_and_depends_on_the_prompt(backbone):
     b = redenoise(backbone, x_T, backbone.encode_prompts(PROMPTS[2:]), uncond, high_cfg=5, low_cfg=1, grid_steps=4)
     assert a.shape == x_T.shape and 1e-3 < (a - x_T).std() < 0.5
     assert not torch.allclose(a, b)
+    # the low (inversion) scale matters too: the model is queried where the inversion starts
+    c = redenoise(backbone, x_T, backbone.encode_prompts(PROMPTS[:2]), uncond, high_cfg=5, low_cfg=0, grid_steps=4)
+    assert (a - c).abs().max() > 1e-4
 
 
 def _collect(backbone, out, seeds=range(6)):

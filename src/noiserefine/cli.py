@@ -29,21 +29,15 @@ def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _threads() -> None:
-    import torch
-
-    # Tiny models on few cores: one thread avoids OpenMP thrashing and is as fast.
-    if not torch.cuda.is_available() and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in __import__("os").environ:
-        torch.set_num_threads(1)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main() -> None:
     """Guided diffusion quality at unguided cost: NoiseRefine, Golden Noise and Noise Diffusion.
 
     Example: noiserefine sample --prompt-file prompts.txt --seeds 0-7 --method refined --out out/
+
+    Several jobs on few CPU cores: run each with OMP_NUM_THREADS=1 (OpenMP threads of
+    concurrent processes otherwise thrash).
     """
-    _threads()
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -211,13 +205,14 @@ def targets(ctx: click.Context, **_: Any) -> None:
 @click.option("--targets", "targets_dir", type=PATH, required=True)
 @click.option("--steps", default=400, help="optimizer steps")
 @click.option("--batch-size", default=32, help="global batch (split across processes)")
-@click.option("--lr", default=1e-4)
+@click.option("--lr", default=3e-4)
 @click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))
 @click.option("--msd-steps", default=10, help="unguided sampler steps N inside the loss")
 @click.option("--scheduler", default="ddim", help="sampler inside the loss: ddim | euler | dpm++")
-@click.option("--rank", default=16, help="LoRA rank")
-@click.option("--keep-fraction", default=1.0, help="train on the best fraction of targets by score")
+@click.option("--rank", default=32, help="LoRA rank")
+@click.option("--keep-fraction", default=0.75, help="train on the best fraction of targets by score")
 @click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's CFG scale")
+@click.option("--init-from", default=None, help="start from this refiner .safetensors (same rank and layers)")
 @click.option("--seed", default=0)
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
@@ -256,7 +251,7 @@ def bench(n: int, batch_size: int, rows: str, refiner: Path | None, out: Path) -
 
 
 @main.command()
-@click.option("--n", default=1000, help="bench images per row")
+@click.option("--n", default=200, help="bench images per row (the full bench uses 1000)")
 @click.option("--out", type=PATH, required=True)
 @_friendly_errors
 def demo(n: int, out: Path) -> None:

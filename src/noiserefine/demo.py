@@ -44,7 +44,7 @@ def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) 
     return path
 
 
-def run_demo(out: Path, n: int = 1000) -> Path:
+def run_demo(out: Path, n: int = 200) -> Path:
     """Grid + bench into `out`; returns the bench table path."""
     torch.manual_seed(0)
     picture_grid(out)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.checkpoint import load_checkpoint, save_checkpoint
+from noiserefine.io import load_tensors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
@@ -39,17 +40,18 @@ LossName = Literal["msd", "full", "noise"]
 class TrainConfig:
     steps: int = 400
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 3e-4
     loss: LossName = "msd"
     msd_steps: int = 10
     scheduler: str = "ddim"
-    rank: int = 16
+    rank: int = 32
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     scale_conditioning: bool = False
-    keep_fraction: float = 1.0
+    keep_fraction: float = 0.75
     seed: int = 0
     checkpoint_every: int = 50
     grad_clip: float = 1.0
+    init_from: str | None = None  # start from a trained refiner (e.g. MSD, then fine-tune with "full")
 
 
 class RefinerObjective(nn.Module):
@@ -96,6 +98,8 @@ def train_refiner(backbone: Backbone, targets: Path, out: Path, cfg: TrainConfig
     refiner = NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),
                                                    target_modules=cfg.target_modules,
                                                    scale_conditioning=cfg.scale_conditioning, teacher=teacher))
+    if cfg.init_from:
+        refiner.load_refiner_state_dict(load_tensors(Path(cfg.init_from)))
     objective = RefinerObjective(refiner, cfg)
     params = refiner.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

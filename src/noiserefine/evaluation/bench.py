@@ -33,8 +33,11 @@ from noiserefine.world.shapes16 import ALL_PROMPTS
 
 PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
 NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
-DEFAULT_ROWS = ("gaussian,gaussian@cfg1.5,gaussian@cfg3,gaussian@cfg5,gaussian@pag3,gaussian@cfg1.5+pag1.5,"
-                "refined,refined@cfg1.5,refined@steps5,gaussian@steps5")
+# The full bench takes ~15 minutes on 2 CPU cores: rows not needed at 1,000 images run on the
+# first 500 (or 200 for the per-sample search methods) of the same prompts and seeds.
+DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n500,"
+                "gaussian@cfg3+n500,gaussian@pag3+n500,gaussian@cfg2+pag3+n500,refined@cfg1.25+n500,"
+                "golden+n500,golden@cfg2+n500,noise-diffusion@n200,best-of-n@n200")
 
 
 @dataclass
@@ -142,8 +145,9 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
               refiner: Path | None = None, model: str | None = None, progress: bool = True) -> Path:
     """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path."""
-    from noiserefine.api import build_method
+    from noiserefine.api import build_method, load_refiner
     from noiserefine.evaluation.judge import load_judges
+    from noiserefine.methods.base import RefinedNoise
 
     out = ensure_out_dir(out)
     specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]
@@ -151,13 +155,14 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     judges = load_judges()
     setup = bench_setup(n, batch_size)
     methods = {s.method: None for s in specs}
-    teacher = _teacher(specs, backbone, refiner, build_method)
+    loaded = load_refiner(backbone, refiner) if "refined" in methods else None  # attach once
+    teacher = _teacher(loaded)
     if teacher is not None and not any(_same_guidance(s, teacher) for s in specs):
         specs.insert(1, teacher)  # the refiner's teacher row must be in the same run
     results = []
     for spec in tqdm(specs, desc="bench rows", disable=not progress):
-        method = build_method(spec.method, backbone, refiner=refiner, strength=spec.strength,
-                              **_budget_opts(spec, results))
+        method = (RefinedNoise(loaded, spec.strength) if spec.method == "refined"
+                  else build_method(spec.method, backbone, **_method_opts(spec, results)))
         row, _ = run_row(backbone, spec, method, setup, judges)
         if spec.method == "refined" and teacher is not None:
             row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag}
@@ -173,10 +178,11 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     return out / "bench.md"
 
 
-def _teacher(specs, backbone, refiner, build_method) -> RowSpec | None:
-    if not any(s.method == "refined" for s in specs):
+def _teacher(refiner) -> RowSpec | None:
+    """The Gaussian row with the refiner's teacher guidance (None without a single teacher)."""
+    if refiner is None:
         return None
-    meta = build_method("refined", backbone, refiner=refiner).refiner.meta
+    meta = refiner.meta
     cfgs = meta["config"]["teacher"]["cfg"]
     if len(cfgs) != 1:
         return None  # a scale-conditioned refiner has no single teacher
@@ -188,12 +194,16 @@ def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
     return (a.method, a.cfg, a.pag, a.steps, a.n) == (b.method, b.cfg, b.pag, b.steps, b.n)
 
 
-def _budget_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
-    """best-of-n gets the scorer budget Noise Diffusion used earlier in the same run."""
-    if spec.method != "best-of-n":
+def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
+    """Search methods score what the row samples (its guidance and steps); best-of-n gets the
+    scorer budget Noise Diffusion used earlier in the same run."""
+    if spec.method not in ("noise-diffusion", "best-of-n"):
         return {}
+    opts: dict[str, Any] = {"cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps}
     nd = [r for r in results if r["method"] == "noise-diffusion" and "scorer_calls_per_image" in r]
-    return {"budget": max(1, round(nd[-1]["scorer_calls_per_image"]))} if nd else {}
+    if spec.method == "best-of-n" and nd:
+        opts["budget"] = max(1, round(nd[-1]["scorer_calls_per_image"]))
+    return opts
 
 
 def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

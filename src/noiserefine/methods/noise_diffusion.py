@@ -39,7 +39,7 @@ class NoiseDiffusionConfig:
 
     rounds: int = 10
     candidates: int = 16
-    threshold: float = 0.9
+    threshold: float = 0.999
     gamma_min: float = 0.05
     gamma_max: float = 0.9
 

@@ -29,7 +29,7 @@ def golden(backbone: Backbone, path: str | Path | None = None, force: bool = Fal
     return GoldenNoise(NPNet.load(backbone, path, force=force), backbone)
 
 
-def noise_diffusion(backbone: Backbone, rounds: int = 10, candidates: int = 16, threshold: float = 0.9,
+def noise_diffusion(backbone: Backbone, rounds: int = 10, candidates: int = 16, threshold: float = 0.999,
                     gamma_min: float = 0.05, gamma_max: float = 0.9, cfg: float = 1.0, pag: float = 0.0,
                     steps: int = 20, scorer: str = "primary") -> NoiseDiffusion:
     """Noise Diffusion under the shapes16 judge `scorer` ("primary"; never optimise the judge you grade with)."""
