@@ -37,7 +37,7 @@ NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds
 # first 500 (or 200 for the per-sample search methods) of the same prompts and seeds.
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n500,"
                 "gaussian@cfg3+n500,gaussian@pag3+n500,gaussian@cfg2+pag3+n500,refined@cfg1.25+n500,"
-                "golden+n500,golden@cfg2+n500,noise-diffusion@n200,best-of-n@n200")
+                "noise-diffusion@n200,best-of-n@n200")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
     """Time one row (after a one-batch warm-up) and score it."""
     from noiserefine.evaluation.metrics import score_images
 
-    n = spec.n or len(setup.prompts)
+    n = min(spec.n or len(setup.prompts), len(setup.prompts))
     prompts, seeds = setup.prompts[:n], setup.seeds[:n]
     options = SamplingOptions(Guidance(spec.cfg, spec.pag), spec.steps, "ddim", setup.batch_size)
     warm = min(setup.batch_size, n, 32)  # touches every code path; timing starts after
