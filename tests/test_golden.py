@@ -157,3 +157,12 @@ def test_save_load_round_trip_and_refusal_for_another_base(backbone, tmp_path):
     broken.with_suffix(".json").write_text(path.with_suffix(".json").read_text().replace('"width": 16', '"width": 32'))
     with pytest.raises(NoiseRefineError, match="does not fit"):
         NPNet.load(backbone, broken)
+
+
+def test_shipped_npnet_fits_the_shipped_base_model():
+    base = Shapes16Backbone.load()
+    method = registry.build("golden", base)
+    assert method.npnet.meta["base"] == base.fingerprint()
+    x_T = noise_for_seeds([0, 1], (3, 16, 16))
+    out = method(x_T, PROMPTS[:2])
+    assert out.shape == x_T.shape and 0 < (out - x_T).std() < 0.2
