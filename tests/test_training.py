@@ -95,3 +95,12 @@ def test_every_loss_reduces_its_objective(targets_dir, tmp_path, loss):
     import json
     losses = json.loads((tmp_path / loss / "checkpoint" / "state.json").read_text())["losses"]
     assert losses[-1] < losses[0]
+
+
+def test_resume_with_another_architecture_is_a_clear_error(targets_dir, tmp_path):
+    cfg = dict(batch_size=4, msd_steps=2, checkpoint_every=1)
+    train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "r", TrainConfig(steps=1, rank=4, **cfg),
+                  progress=False)
+    with pytest.raises(NoiseRefineError, match="another configuration"):
+        train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "r", TrainConfig(steps=2, rank=8, **cfg),
+                      progress=False)

@@ -55,6 +55,8 @@ def build_method(name: str, backbone: Backbone, refiner: Path | None = None, str
         return RefinedNoise(load_refiner(backbone, refiner, force), strength)
     from noiserefine.methods import registry
 
+    if name == "golden":
+        opts = {"path": refiner, "force": force, **opts}  # --refiner names the NPNet file here
     return registry.build(name, backbone, **opts)
 
 
@@ -65,7 +67,8 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
     """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, steps)."""
     out = ensure_out_dir(out)
     backbone = load_backbone(model, dtype=dtype)
-    noise = build_method(method, backbone, refiner=refiner, strength=strength, force=force)
+    search = {"cfg": cfg, "pag": pag, "steps": steps} if method in ("noise-diffusion", "best-of-n") else {}
+    noise = build_method(method, backbone, refiner=refiner, strength=strength, force=force, **search)
     pairs = [(p, s) for p in prompts for s in seeds]
     _validate_prompts(backbone, prompts)
     options = SamplingOptions(Guidance(cfg, pag), steps, scheduler, batch_size)
