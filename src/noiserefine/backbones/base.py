@@ -17,6 +17,32 @@ Cond = dict[str, torch.Tensor]
 """Conditioning: named tensors, batch-first (e.g. `encoder_hidden_states`, `class_labels`)."""
 
 
+class DenoiserBackboneMixin:
+    """The protocol members every adapter derives the same way from `self.denoiser` and the PAG
+    state `self._pag` that `pag.install_pag_processors` returned."""
+
+    denoiser: nn.Module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
+        from noiserefine.backbones.pag import perturbed
+
+        return perturbed(self._pag, mask)
+
+
+def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] through an AutoencoderKL, as the SD and DiT pipelines do."""
+    latents = latents.to(dtype=vae.dtype, device=vae.device)
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
 def cat_cond(conds: Sequence[Cond]) -> Cond:
     """Concatenate conditionings along the batch, key by key."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}

@@ -19,14 +19,13 @@ Two time conventions, chosen by the scheduler the pipeline folder carries:
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 
-from noiserefine.backbones.base import Cond
-from noiserefine.backbones.pag import install_pag_processors, perturbed
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, vae_decode
+from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.backbones.stable_diffusion import _config_hash
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import state_hash
@@ -37,7 +36,7 @@ DEFAULT_PAG_LAYERS = ("transformer_blocks.1",)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
-class DiTBackbone:
+class DiTBackbone(DenoiserBackboneMixin):
     """Backbone protocol for `DiTTransformer2DModel` (DiT, or SiT converted to its layout).
 
     Conditioning: `class_labels` (B,) long. `refiner_defaults` tell `train.py` where the refiner's
@@ -99,14 +98,6 @@ class DiTBackbone:
         return (self.denoiser.config.in_channels, size, size)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
-    @property
     def has_null_class(self) -> bool:
         table = self.denoiser.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
         return table.num_embeddings > self.num_classes
@@ -147,12 +138,8 @@ class DiTBackbone:
         out = out[:, : x_t.shape[1]]  # learned sigma: the variance channels are not the prediction
         return -out if self.flow else out
 
-    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
-        return perturbed(self._pag, mask)
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(dtype=self.vae.dtype, device=self.vae.device)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return vae_decode(self.vae, latents)
 
     def fingerprint(self) -> dict[str, str]:
         if self._fingerprint is None:

@@ -16,15 +16,14 @@ zeros, not the encoding of "", so ours are too.
 from __future__ import annotations
 
 import warnings
-from contextlib import AbstractContextManager
 from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond
-from noiserefine.backbones.pag import install_pag_processors, perturbed
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin
+from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.backbones.stable_diffusion import _config_hash
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import state_hash
@@ -32,7 +31,7 @@ from noiserefine.io import state_hash
 DEFAULT_PAG_LAYERS = ("mid",)  # diffusers' StableDiffusionXLPAGPipeline default
 
 
-class StableDiffusionXLBackbone:
+class StableDiffusionXLBackbone(DenoiserBackboneMixin):
     """Backbone protocol for SDXL (base) UNets; `text_encoder`/`tokenizer` may be None (as the
     pipeline allows), `text_encoder_2` must be a CLIPTextModelWithProjection.
 
@@ -125,14 +124,6 @@ class StableDiffusionXLBackbone:
         return (self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
-    @property
     def add_time_ids(self) -> torch.Tensor:
         """(1, 6): original size, crop top-left, target size, as the pipeline's defaults."""
         h, w = self.resolution
@@ -174,9 +165,6 @@ class StableDiffusionXLBackbone:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
                              added_cond_kwargs=added).sample
-
-    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
-        return perturbed(self._pag, mask)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """As the pipeline for `output_type != "latent"`: an fp16 VAE with `force_upcast` decodes in fp32."""

@@ -3,7 +3,6 @@ learned 3-token prompt embedding (DESIGN.md section 3). Decoding is the identity
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,10 +11,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.pag import install_pag_processors, perturbed
-from noiserefine.backbones.base import Cond
+from noiserefine.backbones.pag import install_pag_processors
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import load_tensors, read_json, save_tensors, state_hash, write_json
+from noiserefine.io import load_tensors, save_tensors, state_hash, write_json
 from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
 
 UNET_CONFIG: dict[str, Any] = {
@@ -67,7 +66,7 @@ class PromptEncoder(nn.Module):
         return torch.stack(tokens, dim=1) + self.slot
 
 
-class Shapes16Backbone:
+class Shapes16Backbone(DenoiserBackboneMixin):
     """Backbone protocol for the embedded model (pixel space: latents are 3 x 16 x 16 images)."""
 
     name = "shapes16-unet"
@@ -123,14 +122,6 @@ class Shapes16Backbone:
     def latent_shape(self) -> tuple[int, ...]:
         return (3, IMAGE_SIZE, IMAGE_SIZE)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         ids = PromptEncoder.tokenize(prompts).to(self.device)
         return {"encoder_hidden_states": self.prompt_encoder(ids).to(self.dtype)}
@@ -138,9 +129,6 @@ class Shapes16Backbone:
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-
-    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
-        return perturbed(self._pag, mask)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents

@@ -11,20 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from contextlib import AbstractContextManager
 from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond
-from noiserefine.backbones.pag import install_pag_processors, perturbed
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, vae_decode
+from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import state_hash
 
 
-class StableDiffusionBackbone:
+class StableDiffusionBackbone(DenoiserBackboneMixin):
     """Backbone protocol for SD 1.x/2.x (epsilon or v-prediction, as `scheduler_config` says).
 
     PAG processors are installed on the UNet's `pag_layers` at construction. With no mask they
@@ -95,14 +94,6 @@ class StableDiffusionBackbone:
         h, w = self.resolution
         return (self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """CLIP hidden states, as `StableDiffusionPipeline.encode_prompt` (no clip_skip); "" is the
         unconditional prompt, exactly the pipeline's default negative prompt."""
@@ -126,12 +117,8 @@ class StableDiffusionBackbone:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
-    def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
-        return perturbed(self._pag, mask)
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(dtype=self.vae.dtype, device=self.vae.device)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return vae_decode(self.vae, latents)
 
     def fingerprint(self) -> dict[str, str]:
         if self._fingerprint is None:
