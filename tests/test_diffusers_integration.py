@@ -5,6 +5,8 @@ models saved to local folders. Tolerances as in test_oracle_sd.py (float32 round
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -190,3 +192,29 @@ def test_scorer_errors(clip_folder, tmp_path):
     save_tensors(tmp_path / "wide.safetensors", wide)
     with pytest.raises(NoiseRefineError, match="takes 768-d CLIP embeddings"):
         load_scorer("aesthetic", clip_model=clip_folder, aesthetic_model=tmp_path / "wide.safetensors")
+
+
+def test_bench_on_a_real_model_folder(clip_folder, tmp_path):
+    """`noiserefine bench --model FOLDER`: cost columns and CLIP score, the refiner's teacher row added."""
+    from click.testing import CliRunner
+
+    from noiserefine.backbones.loading import load_backbone
+    from noiserefine.cli import main
+
+    make_tiny_sd_pipe().save_pretrained(tmp_path / "sd")
+    backbone = load_backbone(str(tmp_path / "sd"))
+    teacher = {"cfg": [7.5], "pag": 0.0, "steps": 2, "scheduler": "ddim"}
+    NoiseRefiner(backbone, RefinerConfig(rank=4, teacher=teacher)).save(tmp_path / "refiner.safetensors")
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(tmp_path / "sd"), "--refiner", str(tmp_path / "refiner.safetensors"),
+        "--rows", "gaussian@steps2,refined@steps2", "--n", "4", "--batch-size", "2",
+        "--clip-model", str(clip_folder), "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"gaussian (unguided, 2 steps)", "gaussian (cfg7.5, 2 steps)", "refined (unguided, 2 steps)"}
+    assert report["meta"]["reference_row"] == "gaussian (cfg7.5, 2 steps)"
+    assert rows["gaussian (cfg7.5, 2 steps)"]["nfe_per_image"] == 4
+    assert rows["refined (unguided, 2 steps)"]["nfe_per_image"] == 3
+    assert all(0 <= r["clip_score"] <= 100 and r["sec_per_image"] > 0 and "adherence" not in r for r in rows.values())
+    assert "CLIP score" in result.output

@@ -29,7 +29,7 @@ def test_paper_values():
     assert teacher == ("4", 0.0, 20, "euler")
     assert sit.targets["score"] == "none" and sit.train["keep_fraction"] == 1.0  # no filtering for SiT
     assert sit.class_prompts == tuple(str(i) for i in range(1, 101))  # classes 1..100
-    assert all(p.mixed_precision in ("no", "fp16", "bf16") and p.sources for p in PRESETS.values())
+    assert all(p.train["mixed_precision"] in ("no", "fp16", "bf16") and p.sources for p in PRESETS.values())
 
 
 def test_preset_options_are_real_options():

@@ -104,3 +104,16 @@ def test_resume_with_another_architecture_is_a_clear_error(targets_dir, tmp_path
     with pytest.raises(NoiseRefineError, match="another configuration"):
         train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "r", TrainConfig(steps=2, rank=8, **cfg),
                       progress=False)
+
+
+
+def test_several_target_folders_of_one_teacher(targets_dir, tmp_path):
+    bb = Shapes16Backbone.create(0)
+    more = tmp_path / "more"
+    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [7, 8]}), more, progress=False)
+    data = load_targets([targets_dir, more])
+    assert len(data) == 9 and data.prompts[7:] == SPEC["prompts"][:2]
+    other = tmp_path / "other"
+    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [7], "pag": 2.0}), other, progress=False)
+    with pytest.raises(NoiseRefineError, match="another base model or teacher"):
+        load_targets([targets_dir, other])

@@ -17,7 +17,6 @@ from PIL import Image
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
-from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance
 from noiserefine.io import atomic_write_bytes, ensure_out_dir

@@ -202,7 +202,8 @@ def targets(ctx: click.Context, **_: Any) -> None:
 
 
 @main.command()
-@click.option("--targets", "targets_dir", type=PATH, required=True)
+@click.option("--targets", "targets_dir", type=PATH, required=True, multiple=True,
+              help="target folder (repeat to train on several made by the same teacher)")
 @click.option("--steps", default=400, help="optimizer steps")
 @click.option("--batch-size", default=32, help="global batch (split across processes)")
 @click.option("--lr", default=3e-4)
@@ -213,6 +214,9 @@ def targets(ctx: click.Context, **_: Any) -> None:
 @click.option("--keep-fraction", default=0.75, help="train on the best fraction of targets by score")
 @click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's CFG scale")
 @click.option("--init-from", default=None, help="start from this refiner .safetensors (same rank and layers)")
+@click.option("--gradient-checkpointing", is_flag=True, help="recompute denoiser activations in backward")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
+              help="autocast (default: accelerate launch's, else the --dtype's); refiner weights stay fp32")
 @click.option("--seed", default=0)
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
@@ -227,9 +231,9 @@ def train(ctx: click.Context, **_: Any) -> None:
     from noiserefine.train import TrainConfig, train_refiner
 
     params = _with_preset(ctx, "train")
-    targets_dir, out = params.pop("targets_dir"), params.pop("out")
+    targets_dirs, out = list(params.pop("targets_dir")), params.pop("out")
     backbone = load_backbone(params.pop("model"), dtype=params.pop("dtype"))
-    click.echo(train_refiner(backbone, targets_dir, out, TrainConfig(**params)))
+    click.echo(train_refiner(backbone, targets_dirs, out, TrainConfig(**params)))
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -238,16 +242,27 @@ def train(ctx: click.Context, **_: Any) -> None:
 @click.option("--batch-size", default=250)
 @click.option("--rows", default="default", help="comma list of row names, or 'default'")
 @click.option("--refiner", type=PATH, default=None)
+@click.option("--force", is_flag=True, help="use a refiner trained on another base model")
+@click.option("--model", default=None, help="base model: shapes16 (default), weights file, pipeline folder or hub id")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
+@click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts)")
+@click.option("--clip-model", default=None, help="local CLIP folder: CLIP score per row (real models)")
 @click.option("--out", type=PATH, required=True)
 @_friendly_errors
-def bench(n: int, batch_size: int, rows: str, refiner: Path | None, out: Path) -> None:
+def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool, model: str | None,
+          dtype: str | None, prompt_file: Path | None, clip_model: str | None, out: Path) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
+
+    On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures
+    and, with --clip-model, the CLIP score.
 
     Example: noiserefine bench --n 1000 --out runs/bench
     """
     from noiserefine.evaluation.bench import run_bench
 
-    click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner).read_text())
+    prompts = _read_prompts(prompt_file) if prompt_file else None
+    click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
+                         dtype=dtype, prompts=prompts, clip_model=clip_model).read_text())
 
 
 @main.command()

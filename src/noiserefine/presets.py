@@ -31,7 +31,6 @@ class Preset:
     model: str | None
     resolution: int
     dtype: str
-    mixed_precision: str
     prompts: str
     targets: Mapping[str, Any]
     train: Mapping[str, Any]
@@ -68,12 +67,14 @@ def _frozen(d: dict[str, Any]) -> Mapping[str, Any]:
 _SD21_KEEP, _SD21_KEPT, _SD21_BATCH = 0.8, 50_000, 32
 SD21 = Preset(
     name="sd21", family="stable-diffusion", model="stabilityai/stable-diffusion-2-1", resolution=768,
-    dtype="bf16", mixed_precision="bf16",
+    dtype="bf16",
     prompts="20K MS-COCO + 30K Pick-a-Pic prompts (one per line; not shipped: bring your own file)",
     targets=_frozen({"seeds": f"0-{round(_SD21_KEPT / _SD21_KEEP) - 1}", "cfg": "7", "pag": 3.0, "steps": 20,
                      "scheduler": "ddim", "score": "aesthetic", "shard_size": 256, "batch_size": 16}),
     train=_frozen({"rank": 128, "msd_steps": 10, "scheduler": "ddim", "loss": "msd", "keep_fraction": _SD21_KEEP,
-                   "batch_size": _SD21_BATCH, "lr": 1e-4, "steps": _steps(6, _SD21_KEPT, _SD21_BATCH)}),
+                   "batch_size": _SD21_BATCH, "lr": 1e-4,
+                   "mixed_precision": "bf16", "gradient_checkpointing": True,
+                   "steps": _steps(6, _SD21_KEPT, _SD21_BATCH)}),
     sample=_frozen({"method": "refined", "cfg": 1.0, "pag": 0.0, "steps": 20, "scheduler": "ddim"}),
     sources=_frozen({
         "rank, msd_steps, cfg, pag, steps (N'), scheduler, kept targets, epochs": "paper D.1, D.2.1, A.7",
@@ -87,12 +88,14 @@ SD21 = Preset(
 _SDXL_KEEP, _SDXL_KEPT, _SDXL_BATCH = 0.8, 181_000, 32
 SDXL = Preset(
     name="sdxl", family="stable-diffusion-xl", model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024,
-    dtype="bf16", mixed_precision="bf16",
+    dtype="bf16",
     prompts="55K MS-COCO + 36K Pick-a-Pic + 90K LAION prompts (bring your own file)",
     targets=_frozen({"seeds": f"0-{round(_SDXL_KEPT / _SDXL_KEEP) - 1}", "cfg": "7", "pag": 3.0, "steps": 20,
                      "scheduler": "ddim", "score": "aesthetic", "shard_size": 256, "batch_size": 8}),
     train=_frozen({"rank": 256, "msd_steps": 10, "scheduler": "ddim", "loss": "msd", "keep_fraction": _SDXL_KEEP,
-                   "batch_size": _SDXL_BATCH, "lr": 1e-4, "steps": _steps(2, _SDXL_KEPT, _SDXL_BATCH)}),
+                   "batch_size": _SDXL_BATCH, "lr": 1e-4,
+                   "mixed_precision": "bf16", "gradient_checkpointing": True,
+                   "steps": _steps(2, _SDXL_KEPT, _SDXL_BATCH)}),
     sample=_frozen({"method": "refined", "cfg": 1.0, "pag": 0.0, "steps": 20, "scheduler": "ddim"}),
     sources=_frozen({
         "rank 256, msd_steps, cfg, pag, steps (N'), kept targets": "paper D.1, D.2.1",
@@ -105,13 +108,15 @@ SDXL = Preset(
 # FlowMatchEulerDiscreteScheduler (see backbones/dit.py and docs/real-models.md).
 _SIT_KEPT, _SIT_BATCH = 100_000, 64
 SIT_XL_2 = Preset(
-    name="sit-xl-2", family="dit", model=None, resolution=256, dtype="bf16", mixed_precision="bf16",
+    name="sit-xl-2", family="dit", model=None, resolution=256, dtype="bf16",
     prompts="ImageNet class ids 1..100 (built in: prompts are taken in turn, so 1K seeds per class)",
     class_prompts=tuple(str(i) for i in range(1, 101)),
     targets=_frozen({"seeds": f"0-{_SIT_KEPT - 1}", "cfg": "4", "pag": 0.0, "steps": 20, "scheduler": "euler",
                      "score": "none", "shard_size": 256, "batch_size": 64}),
     train=_frozen({"rank": 128, "msd_steps": 10, "scheduler": "euler", "loss": "msd", "keep_fraction": 1.0,
-                   "batch_size": _SIT_BATCH, "lr": 1e-4, "steps": _steps(6, _SIT_KEPT, _SIT_BATCH)}),
+                   "batch_size": _SIT_BATCH, "lr": 1e-4,
+                   "mixed_precision": "bf16", "gradient_checkpointing": True,
+                   "steps": _steps(6, _SIT_KEPT, _SIT_BATCH)}),
     sample=_frozen({"method": "refined", "cfg": 1.0, "pag": 0.0, "steps": 20, "scheduler": "euler"}),
     sources=_frozen({
         "classes 1-100, 1K per class, cfg 4, Euler 20 steps, no filtering, msd_steps 10": "paper D.2.1, D.1",

@@ -143,20 +143,38 @@ class TargetSet:
         return self.x_T.shape[0]
 
 
-def load_targets(folder: Path, keep_fraction: float = 1.0) -> TargetSet:
-    """Load every finished shard; keep the best `keep_fraction` by score (ties by index)."""
-    folder = Path(folder)
+def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> TargetSet:
+    """Load every finished shard of one or more target folders and keep the best `keep_fraction`
+    of all of them by score (ties by order). Several folders must share the base model and the
+    teacher (guidance, steps, scheduler, score), e.g. one made later to add seeds."""
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    if not 0 < keep_fraction <= 1:
+        raise NoiseRefineError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+    parts = [_load_folder(f) for f in folders]
+    manifest = parts[0][2]
+    for folder, (_, _, other) in zip(folders[1:], parts[1:]):
+        if _teacher_of(other) != _teacher_of(manifest):
+            raise NoiseRefineError(f"{folder} was made by another base model or teacher than {folders[0]}")
+    data = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    prompts = [prompt for p in parts for prompt in p[1]]
+    n_keep = max(1, round(keep_fraction * len(prompts)))
+    order = torch.sort(data["score"], descending=True, stable=True).indices[:n_keep].sort().values
+    return TargetSet(
+        x_T=data["x_T"][order], x_0=data["x_0"][order], prompts=[prompts[i] for i in order],
+        cfg=data["cfg"][order], score=data["score"][order], manifest=manifest)
+
+
+def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     manifest = read_json(folder / "manifest.json")
     spec = TargetSpec(**manifest["spec"])
     shards = [load_tensors(_shard_path(folder, k)) for k in range(spec.num_shards) if _shard_done(folder, k)]
     if not shards:
         raise NoiseRefineError(f"{folder} has no finished target shards yet")
-    if not 0 < keep_fraction <= 1:
-        raise NoiseRefineError(f"keep fraction must be in (0, 1], got {keep_fraction}")
     data = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
-    n_keep = max(1, round(keep_fraction * len(data["index"])))
-    order = torch.sort(data["score"], descending=True, stable=True).indices[:n_keep].sort().values
-    return TargetSet(
-        x_T=data["x_T"][order], x_0=data["x_0"][order],
-        prompts=[spec.pair(int(i))[0] for i in data["index"][order]],
-        cfg=data["cfg"][order], score=data["score"][order], manifest=manifest)
+    return data, [spec.pair(int(i))[0] for i in data["index"]], manifest
+
+
+def _teacher_of(manifest: dict) -> tuple:
+    spec = manifest["spec"]
+    return (manifest["base"], manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
+            spec["scheduler"], spec["score"])

@@ -13,10 +13,11 @@ run equals a 1-process run up to float reduction order.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     grad_clip: float = 1.0
     init_from: str | None = None  # start from a trained refiner (e.g. MSD, then fine-tune with "full")
+    gradient_checkpointing: bool = False  # recompute denoiser blocks in backward (full loss, big models)
+    mixed_precision: str | None = None  # "no" | "fp16" | "bf16"; None: the launcher's, else the model dtype's
 
 
 class RefinerObjective(nn.Module):
@@ -81,11 +84,12 @@ def _global_batch(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
     return np.random.default_rng([cfg.seed, step]).choice(n, size=cfg.batch_size, replace=n < cfg.batch_size)
 
 
-def train_refiner(backbone: Backbone, targets: Path, out: Path, cfg: TrainConfig = TrainConfig(),
+def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path, cfg: TrainConfig = TrainConfig(),
                   accelerator: Accelerator | None = None, progress: bool = True) -> Path:
-    """Train (or resume) a refiner on a target folder. Writes `out/refiner.safetensors` + JSON,
+    """Train (or resume) a refiner on one or more target folders. Writes `out/refiner.safetensors` + JSON,
     checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps)."""
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                     mixed_precision=_mixed_precision(cfg, backbone))
     out = Path(out)
     data = load_targets(targets, cfg.keep_fraction)
     _check_base(data, backbone)
@@ -100,6 +104,9 @@ def train_refiner(backbone: Backbone, targets: Path, out: Path, cfg: TrainConfig
                                                    scale_conditioning=cfg.scale_conditioning, teacher=teacher))
     if cfg.init_from:
         refiner.load_refiner_state_dict(load_tensors(Path(cfg.init_from)))
+    _trainable_in_fp32(refiner, acc)
+    if cfg.gradient_checkpointing:
+        refiner.enable_gradient_checkpointing()
     objective = RefinerObjective(refiner, cfg)
     params = refiner.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -125,7 +132,7 @@ def train_refiner(backbone: Backbone, targets: Path, out: Path, cfg: TrainConfig
         acc.wait_for_everyone()
     path = out / "refiner.safetensors"
     if acc.is_main_process:
-        refiner.save(path, {"training": asdict(cfg), "targets": str(targets), "num_targets": len(data),
+        refiner.save(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
                             "final_loss_avg20": float(np.mean(losses[-20:])),
                             "train_seconds_this_run": round(time.time() - t0, 1)})
     acc.wait_for_everyone()
@@ -158,6 +165,27 @@ def _inversion_noise(backbone: Backbone, data: TargetSet, cfg: TrainConfig) -> t
     return torch.cat(chunks)
 
 
+def _names(targets: Path | Sequence[Path]) -> str | list[str]:
+    return str(targets) if isinstance(targets, (str, Path)) else [str(t) for t in targets]
+
+
+def _mixed_precision(cfg: TrainConfig, backbone: Backbone) -> str:
+    """The autocast mode: as configured, else as `accelerate launch --mixed_precision`, else the
+    one that matches the model's dtype (fp16/bf16 weights need autocast around fp32 LoRA)."""
+    by_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(backbone.dtype, "no")
+    return cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or by_dtype
+
+
+def _trainable_in_fp32(refiner: NoiseRefiner, acc: Accelerator) -> None:
+    """Mixed-precision training as in diffusers' LoRA scripts: the frozen base stays in its low
+    precision, the refiner's own weights (and so the optimizer state) are fp32, autocast does the rest."""
+    if refiner.backbone.dtype != torch.float32 and acc.mixed_precision == "no":
+        raise NoiseRefineError(f"the model is {refiner.backbone.dtype}: train with mixed precision "
+                               "(--mixed-precision fp16/bf16) so the refiner's weights stay fp32")
+    for p in refiner.trainable_parameters():
+        p.data = p.data.float()
+
+
 def _check_base(data: TargetSet, backbone: Backbone) -> None:
     if data.manifest["base"] != backbone.fingerprint():
         raise NoiseRefineError(
@@ -168,6 +196,7 @@ def _comparable(cfg: TrainConfig) -> dict:
     """The configuration a resumed run must share (the step budget may grow)."""
     d = asdict(cfg)
     d.pop("steps")
+    d.pop("gradient_checkpointing")  # changes memory, not the result
     return d
 
 

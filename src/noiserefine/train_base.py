@@ -7,7 +7,6 @@ resumes from its last checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -8,14 +8,13 @@ an expensive row: the first N of the same prompts and seeds), `strengthS`. Examp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
+from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance
@@ -35,6 +35,7 @@ PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
 NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
 # The full bench takes ~15 minutes on 2 CPU cores: rows not needed at 1,000 images run on the
 # first 500 (or 200 for the per-sample search methods) of the same prompts and seeds.
+REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3,refined"  # refined only with --refiner
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n500,"
                 "gaussian@cfg3+n500,gaussian@pag3+n500,gaussian@cfg2+pag3+n500,refined@cfg1.25+n500,"
                 "noise-diffusion@n200,best-of-n@n200")
@@ -76,9 +77,12 @@ class BenchSetup:
     batch_size: int
 
 
-def bench_setup(n: int, batch_size: int) -> BenchSetup:
+def bench_setup(n: int, batch_size: int, prompt_pool: Sequence[str] = ALL_PROMPTS) -> BenchSetup:
+    """n prompts drawn uniformly from `prompt_pool` with a fixed seed, and n fixed noise seeds."""
+    if not prompt_pool:
+        raise NoiseRefineError("the bench needs at least one prompt")
     rng = np.random.default_rng(PROMPT_SEED)
-    prompts = [ALL_PROMPTS[i] for i in rng.integers(0, len(ALL_PROMPTS), size=n)]
+    prompts = [prompt_pool[i] for i in rng.integers(0, len(prompt_pool), size=n)]
     return BenchSetup(prompts, [NOISE_SEED_OFFSET + i for i in range(n)], batch_size)
 
 
@@ -120,15 +124,13 @@ def _rss() -> int:
 
 
 def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: BenchSetup,
-            judges: dict) -> tuple[dict[str, Any], torch.Tensor]:
+            score: Callable[[torch.Tensor, list[str]], dict[str, float]]) -> tuple[dict[str, Any], torch.Tensor]:
     """Time one row (after a one-batch warm-up) and score it."""
-    from noiserefine.evaluation.metrics import score_images
-
     n = min(spec.n or len(setup.prompts), len(setup.prompts))
     prompts, seeds = setup.prompts[:n], setup.seeds[:n]
     options = SamplingOptions(Guidance(spec.cfg, spec.pag), spec.steps, "ddim", setup.batch_size)
-    warm = min(setup.batch_size, n, 32)  # touches every code path; timing starts after
-    generate_latents(backbone, prompts[:warm], seeds[:warm], method, options)
+    warm = min(setup.batch_size, n, 32)  # two steps touch every code path; timing starts after
+    generate_latents(backbone, prompts[:warm], seeds[:warm], method, replace(options, steps=min(spec.steps, 2)))
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         latents = generate_latents(backbone, prompts, seeds, method, options)
@@ -138,24 +140,34 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
     row = {"row": spec.label, "method": spec.method, "cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
            "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
            "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
-           **score_images(images, prompts, judges), **getattr(method, "stats", {})}
+           **score(images, prompts), **getattr(method, "stats", {})}
     return row, images
 
 
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
-              refiner: Path | None = None, model: str | None = None, progress: bool = True) -> Path:
-    """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path."""
+              refiner: Path | None = None, model: str | None = None, progress: bool = True,
+              prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
+              force: bool = False) -> Path:
+    """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path.
+
+    On the embedded shapes16 model rows are scored by the two judges (adherence, FD). On a real
+    model (`model` = a pipeline folder or hub id) rows carry time, model evaluations and memory,
+    plus the CLIP score when `clip_model` names a local CLIP folder; prompts come from `prompts`
+    (default: the shapes16 prompts, which any text-to-image model can read).
+    """
     from noiserefine.api import build_method, load_refiner
-    from noiserefine.evaluation.judge import load_judges
     from noiserefine.methods.base import RefinedNoise
 
     out = ensure_out_dir(out)
     specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]
-    backbone = load_backbone(model)
-    judges = load_judges()
-    setup = bench_setup(n, batch_size)
+    backbone = load_backbone(model, dtype=dtype)
+    shapes16 = isinstance(backbone, Shapes16Backbone)
+    if rows == "default" and not shapes16:
+        specs = [parse_row(r) for r in REAL_MODEL_ROWS.split(",")]
+    score = _judge_score() if shapes16 else _real_score(clip_model, backbone)
+    setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS))
     methods = {s.method: None for s in specs}
-    loaded = load_refiner(backbone, refiner) if "refined" in methods else None  # attach once
+    loaded = load_refiner(backbone, refiner, force) if "refined" in methods else None  # attach once
     teacher = _teacher(loaded)
     if teacher is not None and not any(_same_guidance(s, teacher) for s in specs):
         specs.insert(1, teacher)  # the refiner's teacher row must be in the same run
@@ -163,7 +175,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     for spec in tqdm(specs, desc="bench rows", disable=not progress):
         method = (RefinedNoise(loaded, spec.strength) if spec.method == "refined"
                   else build_method(spec.method, backbone, **_method_opts(spec, results)))
-        row, _ = run_row(backbone, spec, method, setup, judges)
+        row, _ = run_row(backbone, spec, method, setup, score)
         if spec.method == "refined" and teacher is not None:
             row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag}
         results.append(row)
@@ -172,22 +184,40 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
     meta = {"n": n, "batch_size": batch_size, "sampler": "ddim (trailing)", "reference_row": reference.label,
-            "torch_threads": torch.get_num_threads(), "device": str(backbone.device), "methods": list(methods)}
+            "torch_threads": torch.get_num_threads(), "device": str(backbone.device), "methods": list(methods),
+            "model": model or "shapes16", "backbone": type(backbone).__name__, "dtype": str(backbone.dtype).removeprefix("torch.")}
     write_json(out / "bench.json", {"meta": meta, "rows": results})
-    (out / "bench.md").write_text(format_table(results, meta))
+    (out / "bench.md").write_text((format_table if shapes16 else format_real_table)(results, meta))
     return out / "bench.md"
+
+
+def _judge_score() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+    from noiserefine.evaluation.judge import load_judges
+    from noiserefine.evaluation.metrics import score_images
+
+    judges = load_judges()
+    return lambda images, prompts: score_images(images, prompts, judges)
+
+
+def _real_score(clip_model: str | None, backbone: Backbone) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+    """CLIP score (mean over the row) from a local CLIP folder, or nothing to score with."""
+    if clip_model is None:
+        return lambda images, prompts: {}
+    from noiserefine.evaluation.scorers import CLIPScorer
+
+    scorer = CLIPScorer(clip_model, backbone.device)
+    return lambda images, prompts: {"clip_score": float(torch.cat(
+        [scorer(images[i: i + 64], prompts[i: i + 64]) for i in range(0, len(prompts), 64)]).mean())}
 
 
 def _teacher(refiner) -> RowSpec | None:
     """The Gaussian row with the refiner's teacher guidance (None without a single teacher)."""
     if refiner is None:
         return None
-    meta = refiner.meta
-    cfgs = meta["config"]["teacher"]["cfg"]
-    if len(cfgs) != 1:
-        return None  # a scale-conditioned refiner has no single teacher
-    return RowSpec("gaussian", cfg=float(cfgs[0]), pag=float(meta["config"]["teacher"]["pag"]),
-                   steps=int(meta["config"]["teacher"]["steps"]))
+    teacher = refiner.meta["config"].get("teacher", {})
+    if len(teacher.get("cfg", [])) != 1:
+        return None  # a scale-conditioned (or untrained) refiner has no single teacher
+    return RowSpec("gaussian", cfg=float(teacher["cfg"][0]), pag=float(teacher["pag"]), steps=int(teacher["steps"]))
 
 
 def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
@@ -217,6 +247,21 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for r in rows)
     note = (f"\n{meta['n']} images per row (same prompts and seeds), {meta['sampler']}, batch {meta['batch_size']}, "
             f"{meta['torch_threads']} torch thread(s) on {meta['device']}; time ratio is to `{meta['reference_row']}`.\n")
+    return head + body + note
+
+
+def format_real_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table for a real model: cost columns, and the CLIP score where one was computed."""
+    clip = any("clip_score" in r for r in rows)
+    head = "| row | NFE/img | s/img | x CFG-ref time |" + (" CLIP score |" if clip else "") + " peak MB |\n"
+    head += "|---" * (5 + clip) + "|\n"
+    body = "".join(
+        f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} | {r['sec_per_image']:.3f} s "
+        f"| {r['ratio_to_cfg']:.2f} |" + (f" {r.get('clip_score', float('nan')):.2f} |" if clip else "")
+        + f" {r['peak_mem_mb']:.0f} |\n" for r in rows)
+    note = (f"\n{meta['model']} ({meta['dtype']}), {meta['n']} images per row (same prompts and seeds), "
+            f"{meta['sampler']}, batch {meta['batch_size']}, on {meta['device']}; time ratio is to "
+            f"`{meta['reference_row']}`.\n")
     return head + body + note
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -88,6 +89,7 @@ class NoiseRefiner(nn.Module):
             nn.init.zeros_(self.scale_proj.weight)
             nn.init.zeros_(self.scale_proj.bias)
         self._hooks_on = False
+        self._adapter_on = False
         self._scale: torch.Tensor | None = None
         out_layer.register_forward_hook(self._replace_output)
         if self.scale_proj is not None:
@@ -153,8 +155,34 @@ class NoiseRefiner(nn.Module):
     def _set_adapter(self, enabled: bool) -> None:
         # peft's enable_adapters(False) also sets requires_grad=False on the LoRA weights, which
         # would silently stop training; toggling the flag alone keeps them trainable.
+        self._adapter_on = enabled
         for layer in self.lora_layers:
             layer._disable_adapters = not enabled
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's blocks in the backward pass instead of storing activations.
+
+        The adapter is switched on for the refiner's evaluation and off for the sampler's, and the
+        backward pass runs after both, so a plain checkpoint would recompute every block with the
+        adapter in whatever state it is left in. Each checkpoint here records the adapter state of
+        its forward and restores it around its recomputation.
+        """
+        self.backbone.denoiser.enable_gradient_checkpointing(self._checkpoint)
+
+    def _checkpoint(self, block: nn.Module, *args: Any) -> Any:
+        state = self._adapter_on
+
+        @contextmanager
+        def as_in_forward() -> Iterator[None]:
+            before = self._adapter_on
+            self._set_adapter(state)
+            try:
+                yield
+            finally:
+                self._set_adapter(before)
+
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), as_in_forward()))
 
     def _replace_output(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
         return self.delta_head(inputs[0]) if self._hooks_on else output
