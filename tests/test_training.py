@@ -60,11 +60,24 @@ def _weights(path):
     return load_tensors(path)
 
 
-def test_training_resume_after_kill_equals_uninterrupted_run(targets_dir, tmp_path):
-    cfg = dict(batch_size=4, msd_steps=2, rank=4, checkpoint_every=2, lr=1e-3)
-    full = train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "a", TrainConfig(steps=4, **cfg), progress=False)
-    train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "b", TrainConfig(steps=2, **cfg), progress=False)
-    resumed = train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "b", TrainConfig(steps=4, **cfg), progress=False)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_training_resume_after_kill_equals_uninterrupted_run(targets_dir, tmp_path, monkeypatch, schedule):
+    import noiserefine.train as train_module
+
+    cfg = TrainConfig(steps=4, batch_size=4, msd_steps=2, rank=4, checkpoint_every=2, lr=1e-3, lr_schedule=schedule)
+    full = train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "a", cfg, progress=False)
+    real_step = train_module._train_step
+
+    def killed_at_step_3(objective, opt, params, data, inv, cfg, step, acc):
+        if step == 3:
+            raise KeyboardInterrupt  # after the checkpoint of step 2, before step 3 is saved
+        return real_step(objective, opt, params, data, inv, cfg, step, acc)
+
+    monkeypatch.setattr(train_module, "_train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "b", cfg, progress=False)
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    resumed = train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / "b", cfg, progress=False)
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys()
     moved = False
@@ -72,6 +85,14 @@ def test_training_resume_after_kill_equals_uninterrupted_run(targets_dir, tmp_pa
         assert torch.equal(a[k], b[k]), k
         moved |= bool(a[k].abs().sum() > 0) and "delta_head" in k
     assert moved
+
+
+def test_cosine_schedule():
+    from noiserefine.train import learning_rate
+
+    cfg = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine")
+    assert learning_rate(cfg, 0) == 1e-3 and abs(learning_rate(cfg, 50) - 5e-4) < 1e-12
+    assert 0 < learning_rate(cfg, 99) < 1e-6 and learning_rate(TrainConfig(lr=2e-4), 77) == 2e-4
 
 
 def test_resume_with_another_config_is_refused(targets_dir, tmp_path):

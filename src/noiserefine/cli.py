@@ -207,6 +207,8 @@ def targets(ctx: click.Context, **_: Any) -> None:
 @click.option("--steps", default=400, help="optimizer steps")
 @click.option("--batch-size", default=32, help="global batch (split across processes)")
 @click.option("--lr", default=3e-4)
+@click.option("--lr-schedule", default="constant", type=click.Choice(["constant", "cosine"]),
+              help="cosine decays the learning rate to 0 over --steps")
 @click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))
 @click.option("--msd-steps", default=10, help="unguided sampler steps N inside the loss")
 @click.option("--scheduler", default="ddim", help="sampler inside the loss: ddim | euler | dpm++")

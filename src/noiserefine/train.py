@@ -13,6 +13,7 @@ run equals a 1-process run up to float reduction order.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 32
     lr: float = 3e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / steps)) / 2
     loss: LossName = "msd"
     msd_steps: int = 10
     scheduler: str = "ddim"
@@ -152,8 +154,20 @@ def _train_step(objective, opt, params, data: TargetSet, inv, cfg: TrainConfig, 
     acc.backward(loss)
     if cfg.grad_clip:
         acc.clip_grad_norm_(params, cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
     opt.step()
     return float(acc.reduce(loss.detach(), reduction="mean"))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): a pure function of the step, so a
+    resumed run repeats the uninterrupted one."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    raise NoiseRefineError(f"unknown lr schedule {cfg.lr_schedule!r}; choose constant or cosine")
 
 
 def _inversion_noise(backbone: Backbone, data: TargetSet, cfg: TrainConfig) -> torch.Tensor:

@@ -35,7 +35,7 @@ PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
 NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
 # The full bench takes ~15 minutes on 2 CPU cores: rows not needed at 1,000 images run on the
 # first 500 (or 200 for the per-sample search methods) of the same prompts and seeds.
-REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3,refined"  # refined only with --refiner
+REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3"  # + refined with --refiner
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n500,"
                 "gaussian@cfg3+n500,gaussian@pag3+n500,gaussian@cfg2+pag3+n500,refined@cfg1.25+n500,"
                 "noise-diffusion@n200,best-of-n@n200")
@@ -163,7 +163,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     backbone = load_backbone(model, dtype=dtype)
     shapes16 = isinstance(backbone, Shapes16Backbone)
     if rows == "default" and not shapes16:
-        specs = [parse_row(r) for r in REAL_MODEL_ROWS.split(",")]
+        specs = [parse_row(r) for r in REAL_MODEL_ROWS.split(",") + (["refined"] if refiner else [])]
     score = _judge_score() if shapes16 else _real_score(clip_model, backbone)
     setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS))
     methods = {s.method: None for s in specs}
