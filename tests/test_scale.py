@@ -9,6 +9,7 @@ import torch
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.methods.refine import NoiseRefiner
+from noiserefine.sampling import denoise, make_scheduler
 from noiserefine.train import RefinerObjective, TrainConfig, train_refiner
 from noiserefine.world import ALL_PROMPTS
 
@@ -85,8 +86,11 @@ def test_bf16_model_trains_fp32_refiner_under_autocast(bf16_targets, tmp_path):
     refiner = NoiseRefiner.load(fresh, path)
     x = torch.randn(2, *fresh.latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        refined = refiner(x, fresh.encode_prompts(["a red circle", "a blue square"]))
+        cond = fresh.encode_prompts(["a red circle", "a blue square"])
+        refined = refiner(x, cond)
+        sample = denoise(fresh, make_scheduler("ddim", fresh.scheduler_config), refined, cond, steps=2)
     assert torch.isfinite(refined).all() and (refined - x).abs().max() > 1e-3
+    assert sample.shape == x.shape and torch.isfinite(sample).all()
 
 
 def test_low_precision_model_without_autocast_is_refused(bf16_targets, tmp_path):

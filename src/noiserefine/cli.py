@@ -206,7 +206,7 @@ def targets(ctx: click.Context, **_: Any) -> None:
               help="target folder (repeat to train on several made by the same teacher)")
 @click.option("--steps", default=400, help="optimizer steps")
 @click.option("--batch-size", default=32, help="global batch (split across processes)")
-@click.option("--lr", default=3e-4)
+@click.option("--lr", default=6e-4)
 @click.option("--lr-schedule", default="constant", type=click.Choice(["constant", "cosine"]),
               help="cosine decays the learning rate to 0 over --steps")
 @click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))

@@ -109,9 +109,9 @@ def denoise(
     with outer:
         for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
             x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            with _grad_context(grad_mode):
-                out = guided_prediction(backbone, x_in, t, cond, uncond, guidance)
-            x = scheduler.step(out, t, x, return_dict=False)[0]
+            with _grad_context(grad_mode):  # the model runs in its dtype, the update in x's
+                out = guided_prediction(backbone, x_in.to(backbone.dtype), t, cond, uncond, guidance)
+            x = scheduler.step(out.to(x.dtype), t, x, return_dict=False)[0]
             if callback is not None:
                 callback(i, t, x)
     return x

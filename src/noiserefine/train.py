@@ -42,7 +42,7 @@ LossName = Literal["msd", "full", "noise"]
 class TrainConfig:
     steps: int = 400
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 6e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / steps)) / 2
     loss: LossName = "msd"
     msd_steps: int = 10
