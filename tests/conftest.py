@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Tiny models on a 2-core machine: one thread avoids OpenMP thrashing and keeps tests fast.
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # for the whole session: no test module needs to set it again
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ PROMPTS = ["a red circle on the left", "a blue square on the top"]
 SEEDS = [3, 4]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def save_random_refiner(pipe, path, **kw) -> None:
     """A refiner whose delta head is random (a trained one is not the identity either)."""
     backbone = backbone_from_pipeline(pipe, **kw)

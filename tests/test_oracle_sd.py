@@ -44,15 +44,6 @@ PIPE_SCHEDULERS = {
 GUIDANCES = [Guidance(1.0, 0.0), Guidance(5.0, 0.0), Guidance(1.0, 3.0), Guidance(5.0, 3.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores and a background job: two torch threads oversubscribe them (~40x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def components():
     """Components the diffusers pipelines run on, with diffusers' own attention processors."""

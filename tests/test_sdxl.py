@@ -32,14 +32,6 @@ PIPE_SCHEDULERS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def backbone():
     return StableDiffusionXLBackbone.from_pipeline(make_tiny_sdxl_pipe(), resolution=RESOLUTION)

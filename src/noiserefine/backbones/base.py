@@ -13,6 +13,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
+from noiserefine.errors import NoiseRefineError
+
 Cond = dict[str, torch.Tensor]
 """Conditioning: named tensors, batch-first (e.g. `encoder_hidden_states`, `class_labels`)."""
 
@@ -35,6 +37,20 @@ class DenoiserBackboneMixin:
         from noiserefine.backbones.pag import perturbed
 
         return perturbed(self._pag, mask)
+
+
+def pixel_resolution(resolution: int | tuple[int, int] | None, sample_size: int | Sequence[int],
+                     vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) in pixels of a latent-diffusion UNet: `resolution` if given (checked to be
+    positive multiples of the VAE scale factor), else the UNet's `sample_size` times that factor."""
+    if resolution is None:
+        h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return h * vae_scale_factor, w * vae_scale_factor
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if h % vae_scale_factor or w % vae_scale_factor or h <= 0 or w <= 0:
+        raise NoiseRefineError(
+            f"resolution {h}x{w} must be positive multiples of the VAE scale factor {vae_scale_factor}")
+    return h, w
 
 
 def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, pixel_resolution
 from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.backbones.stable_diffusion import _config_hash
 from noiserefine.errors import NoiseRefineError
@@ -61,7 +61,7 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.pag_layers = tuple(pag_layers)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipeline
-        self.resolution = self._resolution(resolution)
+        self.resolution = pixel_resolution(resolution, unet.config.sample_size, self.vae_scale_factor)
         self._check_time_ids()
         self._pag = install_pag_processors(unet, self.pag_layers)
         self._fingerprint: dict[str, str] | None = None
@@ -87,17 +87,6 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
         """Load a saved SDXL pipeline (folder or hub id); `kw` go to `StableDiffusionXLPipeline.from_pretrained`."""
         pipe = StableDiffusionXLPipeline.from_pretrained(path_or_id, torch_dtype=torch_dtype, **kw)
         return cls.from_pipeline(pipe, pag_layers=pag_layers, resolution=resolution).eval()
-
-    def _resolution(self, resolution: int | tuple[int, int] | None) -> tuple[int, int]:
-        if resolution is None:
-            size = self.denoiser.config.sample_size
-            h, w = (size, size) if isinstance(size, int) else size
-            return h * self.vae_scale_factor, w * self.vae_scale_factor
-        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        if h % self.vae_scale_factor or w % self.vae_scale_factor or h <= 0 or w <= 0:
-            raise NoiseRefineError(
-                f"resolution {h}x{w} must be positive multiples of the VAE scale factor {self.vae_scale_factor}")
-        return h, w
 
     def _check_time_ids(self) -> None:
         # The pipeline's `_get_add_time_ids` check: 6 time ids + the pooled projection.

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, vae_decode
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, pixel_resolution, vae_decode
 from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import state_hash
@@ -45,7 +45,7 @@ class StableDiffusionBackbone(DenoiserBackboneMixin):
         self.pag_layers = tuple(pag_layers)
         # As StableDiffusionPipeline computes it.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.resolution = self._resolution(resolution)
+        self.resolution = pixel_resolution(resolution, unet.config.sample_size, self.vae_scale_factor)
         self._pag = install_pag_processors(unet, self.pag_layers)
         self._fingerprint: dict[str, str] | None = None
 
@@ -71,17 +71,6 @@ class StableDiffusionBackbone(DenoiserBackboneMixin):
         kw.setdefault("requires_safety_checker", False)
         pipe = StableDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=torch_dtype, **kw)
         return cls.from_pipeline(pipe, pag_layers=pag_layers, resolution=resolution).eval()
-
-    def _resolution(self, resolution: int | tuple[int, int] | None) -> tuple[int, int]:
-        if resolution is None:
-            size = self.denoiser.config.sample_size
-            h, w = (size, size) if isinstance(size, int) else size
-            return h * self.vae_scale_factor, w * self.vae_scale_factor
-        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        if h % self.vae_scale_factor or w % self.vae_scale_factor or h <= 0 or w <= 0:
-            raise NoiseRefineError(
-                f"resolution {h}x{w} must be positive multiples of the VAE scale factor {self.vae_scale_factor}")
-        return h, w
 
     def eval(self) -> "StableDiffusionBackbone":
         for module in (self.denoiser, self.text_encoder, self.vae):
