@@ -39,7 +39,7 @@ def tiny_model(tmp_path):
 def test_sample_writes_pngs_and_manifest(prompt_file, tiny_model, tmp_path):
     out = tmp_path / "samples"
     result = _run("sample", "--prompt-file", str(prompt_file), "--seeds", "3-4", "--steps", "2",
-                  "--cfg", "2", "--model", str(tiny_model), "--out", str(out))
+                  "--cfg", "2", "--guidance-start", "0.5", "--model", str(tiny_model), "--out", str(out))
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 4
@@ -47,7 +47,15 @@ def test_sample_writes_pngs_and_manifest(prompt_file, tiny_model, tmp_path):
         (p, s) for p in ("a red circle on the left", "a green triangle on the bottom") for s in (3, 4)}
     for r in rows:
         assert (out / r["file"]).is_file()
-        assert {"method": "gaussian", "cfg": 2.0, "pag": 0.0, "steps": 2}.items() <= r.items()
+        assert {"method": "gaussian", "cfg": 2.0, "pag": 0.0, "steps": 2, "guidance_start": 0.5,
+                "guidance_stop": 1.0}.items() <= r.items()
+
+
+def test_bad_guidance_interval(prompt_file, tiny_model, tmp_path):
+    result = _run("sample", "--prompt-file", str(prompt_file), "--seeds", "0", "--cfg", "2", "--guidance-start",
+                  "0.9", "--guidance-stop", "0.1", "--model", str(tiny_model), "--out", str(tmp_path / "o"))
+    _assert_one_line_error(result, "guidance interval")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_unknown_prompt_word(tmp_path, tiny_model):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -138,3 +141,26 @@ def test_several_target_folders_of_one_teacher(targets_dir, tmp_path):
     generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [7], "pag": 2.0}), other, progress=False)
     with pytest.raises(NoiseRefineError, match="another base model or teacher"):
         load_targets([targets_dir, other])
+
+
+def test_interval_teacher_is_recorded_and_checked(targets_dir, tmp_path):
+    bb = Shapes16Backbone.create(0)
+    out = tmp_path / "interval"
+    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [0, 1, 2], "guidance_start": 0.5}), out, progress=False)
+    assert not torch.allclose(load_targets(out).x_0, load_targets(targets_dir).x_0[:3])  # another teacher
+    with pytest.raises(NoiseRefineError, match="another base model or teacher"):
+        load_targets([targets_dir, out])
+    train_refiner(bb, out, tmp_path / "r", TrainConfig(steps=1, rank=4, batch_size=2), progress=False)
+    teacher = json.loads((tmp_path / "r" / "refiner.json").read_text())["config"]["teacher"]
+    assert (teacher["guidance_start"], teacher["guidance_stop"]) == (0.5, 1.0)
+
+
+def test_folder_from_before_guidance_intervals_still_resumes(targets_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(targets_dir, old)
+    record = json.loads((old / "manifest.json").read_text())
+    for key in ("guidance_start", "guidance_stop"):
+        record["spec"].pop(key)
+    (old / "manifest.json").write_text(json.dumps(record))
+    generate_targets(Shapes16Backbone.create(0), TargetSpec(**SPEC), old, progress=False)  # no "another spec"
+    assert len(load_targets([targets_dir, old])) == 14  # and it counts as the same teacher

@@ -62,15 +62,19 @@ def build_method(name: str, backbone: Backbone, refiner: Path | None = None, str
 def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *, method: str = "gaussian",
                      refiner: Path | None = None, strength: float = 1.0, force: bool = False,
                      cfg: float = 1.0, pag: float = 0.0, steps: int = 20, scheduler: str = "ddim",
-                     model: str | None = None, batch_size: int = 64, dtype: str | None = None) -> Path:
-    """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, steps)."""
+                     model: str | None = None, batch_size: int = 64, dtype: str | None = None,
+                     guidance_start: float = 0.0, guidance_stop: float = 1.0) -> Path:
+    """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, steps,
+    scheduler, strength, guidance_start, guidance_stop)."""
+    guidance = Guidance(cfg, pag, guidance_start, guidance_stop)
     out = ensure_out_dir(out)
     backbone = load_backbone(model, dtype=dtype)
-    search = {"cfg": cfg, "pag": pag, "steps": steps} if method in ("noise-diffusion", "best-of-n") else {}
+    search = ({"cfg": cfg, "pag": pag, "steps": steps, "guidance_start": guidance_start, "guidance_stop": guidance_stop}
+              if method in ("noise-diffusion", "best-of-n") else {})
     noise = build_method(method, backbone, refiner=refiner, strength=strength, force=force, **search)
     pairs = [(p, s) for p in prompts for s in seeds]
     _validate_prompts(backbone, prompts)
-    options = SamplingOptions(Guidance(cfg, pag), steps, scheduler, batch_size)
+    options = SamplingOptions(guidance, steps, scheduler, batch_size)
     latents = generate_latents(backbone, [p for p, _ in pairs], [s for _, s in pairs], noise, options, progress=True)
     images = to_uint8(torch.cat([backbone.decode(latents[i: i + batch_size]) for i in range(0, len(latents), batch_size)]))
     rows = []
@@ -78,20 +82,22 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
         name = f"{k:05d}_seed{seed}.png"
         Image.fromarray(img).save(out / name)
         rows.append({"file": name, "prompt": prompt, "seed": seed, "method": method, "cfg": cfg, "pag": pag,
-                     "steps": steps, "scheduler": scheduler, "strength": strength if method == "refined" else None})
+                     "steps": steps, "scheduler": scheduler, "strength": strength if method == "refined" else None,
+                     "guidance_start": guidance_start, "guidance_stop": guidance_stop})
     atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return out
 
 
 def make_targets(prompts: Sequence[str], seeds: Sequence[int], cfg: Sequence[float], out: Path, *,
-                 pag: float = 0.0, steps: int = 20, scheduler: str = "ddim", shard_size: int = 256,
+                 pag: float = 0.0, guidance_start: float = 0.0, guidance_stop: float = 1.0, steps: int = 20, scheduler: str = "ddim", shard_size: int = 256,
                  score: str = "judge", model: str | None = None, batch_size: int = 64, dtype: str | None = None,
                  clip_model: str | None = None, aesthetic_model: str | None = None) -> Path:
     """Guided targets for NoiseRefine (see `noiserefine.targets`)."""
     backbone = load_backbone(model, dtype=dtype)
     _validate_prompts(backbone, prompts)
     spec = TargetSpec(prompts=list(prompts), seeds=list(seeds), cfg=list(cfg), pag=pag, steps=steps,
-                      scheduler=scheduler, shard_size=shard_size, score=score)
+                      scheduler=scheduler, shard_size=shard_size, score=score,
+                      guidance_start=guidance_start, guidance_stop=guidance_stop)
     # Under `accelerate launch`, process i writes shards i, i+P, i+2P, ... of the same folder.
     from accelerate import PartialState
 

@@ -126,6 +126,8 @@ def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--force", is_flag=True, help="load a refiner trained on another base model"),
         click.option("--cfg", default=1.0, help="CFG scale w (1 = off)"),
         click.option("--pag", default=0.0, help="PAG scale s (0 = off)"),
+        click.option("--guidance-start", default=0.0, help="guide only steps from this fraction of the run on"),
+        click.option("--guidance-stop", default=1.0, help="guide only steps before this fraction of the run"),
         click.option("--steps", default=20, help="sampler steps"),
         click.option("--scheduler", default="ddim", help="ddim | euler | dpm++"),
         click.option("--model", default=None, help="base model: shapes16 (default), weights file or pipeline folder"),
@@ -174,6 +176,8 @@ def eval_cmd(folder: Path) -> None:
 @click.option("--seeds", required=True, help="one target per seed; prompts are taken in turn")
 @click.option("--cfg", default="2.0", help="CFG scale of the teacher; a list 1.5,3,5 for scale conditioning")
 @click.option("--pag", default=0.0, help="PAG scale of the teacher")
+@click.option("--guidance-start", default=0.0, help="teacher guides steps from this fraction of the run on")
+@click.option("--guidance-stop", default=1.0, help="teacher guides steps before this fraction of the run")
 @click.option("--steps", default=20, help="teacher sampler steps N'")
 @click.option("--scheduler", default="ddim")
 @click.option("--shard-size", default=256)

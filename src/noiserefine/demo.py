@@ -30,7 +30,7 @@ def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) 
     seed_list = [s for _ in GRID_PROMPTS for s in seeds]
     columns = [
         generate_latents(bb, prompts, seed_list, None, SamplingOptions()),
-        generate_latents(bb, prompts, seed_list, None, SamplingOptions(Guidance(teacher["cfg"][0], teacher["pag"]))),
+        generate_latents(bb, prompts, seed_list, None, SamplingOptions(Guidance.of_teacher(teacher))),
         generate_latents(bb, prompts, seed_list, RefinedNoise(refiner), SamplingOptions()),
     ]
     tiles = [to_uint8(bb.decode(c)) for c in columns]  # each (N, H, W, 3)

@@ -7,10 +7,16 @@ Ahn et al. 2024, Eq. 8; NoiseRefine Eqs. 31-32):
     out = u + w * (c - u) + s * (c - p)
 
 where u, c, p are the unconditional, conditional and perturbed-attention predictions.
+
+A guidance interval (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval improves
+sample and distribution quality") switches guidance on only for sampler steps i of N with
+int(start * N) <= i < int(stop * N) -- the `start`/`stop` convention of diffusers' guiders; the
+other steps evaluate the conditional branch alone (one model evaluation).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +27,46 @@ from noiserefine.errors import NoiseRefineError
 
 @dataclass(frozen=True)
 class Guidance:
-    """A guidance spec. `cfg=1, pag=0` is unguided sampling (one model evaluation per step)."""
+    """A guidance spec. `cfg=1, pag=0` is unguided sampling (one model evaluation per step);
+    `start`/`stop` (fractions of the sampler steps) limit guidance to an interval."""
 
     cfg: float = 1.0
     pag: float = 0.0
+    start: float = 0.0
+    stop: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.cfg == self.cfg and self.pag == self.pag) or self.pag < 0:
+        if not all(math.isfinite(v) for v in (self.cfg, self.pag, self.start, self.stop)) or self.pag < 0:
             raise NoiseRefineError(f"guidance scales must be finite and pag >= 0, got {self}")
+        if not 0.0 <= self.start < self.stop <= 1.0:
+            raise NoiseRefineError(f"guidance interval needs 0 <= start < stop <= 1, got {self.start}, {self.stop}")
+
+    @property
+    def is_guided(self) -> bool:
+        return self.uses_uncond or self.uses_pag
+
+    @property
+    def limited(self) -> bool:
+        """True when guidance is on for only part of the sampler steps."""
+        return self.is_guided and (self.start, self.stop) != (0.0, 1.0)
+
+    def active(self, step: int, num_steps: int) -> bool:
+        """Whether sampler step `step` (0-based) of `num_steps` is guided (diffusers' guider rule)."""
+        return self.is_guided and int(self.start * num_steps) <= step < int(self.stop * num_steps)
+
+    def at_step(self, step: int, num_steps: int) -> "Guidance":
+        """The guidance that step `step` of `num_steps` uses: this one, or unguided outside the interval."""
+        return self if self.active(step, num_steps) else UNGUIDED
+
+    @classmethod
+    def of_teacher(cls, teacher: dict) -> "Guidance":
+        """The guidance of a refiner's teacher record (its first CFG scale; older records have no interval)."""
+        return cls(float(teacher["cfg"][0]), float(teacher["pag"]), float(teacher.get("guidance_start", 0.0)),
+                   float(teacher.get("guidance_stop", 1.0)))
+
+    def nfe(self, num_steps: int) -> int:
+        """Model evaluations of a `num_steps`-step sampler run."""
+        return sum(self.at_step(i, num_steps).branches for i in range(num_steps))
 
     @property
     def uses_uncond(self) -> bool:
@@ -47,7 +85,8 @@ class Guidance:
     def name(self) -> str:
         parts = ([f"cfg{self.cfg:g}"] if self.uses_uncond else []) + (
             [f"pag{self.pag:g}"] if self.uses_pag else [])
-        return "+".join(parts) or "unguided"
+        interval = f"[{self.start:g}-{self.stop:g}]" if self.limited else ""
+        return "+".join(parts) + interval if parts else "unguided"
 
 
 UNGUIDED = Guidance()

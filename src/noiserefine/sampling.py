@@ -94,7 +94,8 @@ def denoise(
         x_T: (B, *latent_shape) unit-variance initial noise.
         cond / uncond: conditioning of the prompts and of the empty prompt (needed for CFG).
         steps: number of sampler steps.
-        guidance: none / CFG / PAG / CFG+PAG; every branch in one batched forward per step.
+        guidance: none / CFG / PAG / CFG+PAG; every branch in one batched forward per step; steps
+            outside its interval (`start`/`stop`) run the conditional branch alone.
         grad_mode: "none", "msd" (stop-gradient on model outputs, Eq. 5) or "full" (Eq. 3).
         callback: called as callback(i, t, x) after each step.
     Returns:
@@ -107,10 +108,11 @@ def denoise(
     x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
     outer = torch.no_grad() if grad_mode == "none" else contextlib.nullcontext()
     with outer:
+        n = len(scheduler.timesteps)
         for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
             x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             with _grad_context(grad_mode):  # the model runs in its dtype, the update in x's
-                out = guided_prediction(backbone, x_in.to(backbone.dtype), t, cond, uncond, guidance)
+                out = guided_prediction(backbone, x_in.to(backbone.dtype), t, cond, uncond, guidance.at_step(i, n))
             x = scheduler.step(out.to(x.dtype), t, x, return_dict=False)[0]
             if callback is not None:
                 callback(i, t, x)

@@ -40,6 +40,15 @@ class TargetSpec:
     scheduler: str = "ddim"
     shard_size: int = 256
     score: str = "none"
+    guidance_start: float = 0.0
+    guidance_stop: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.guidance(1.0)  # a bad interval fails here, before any folder is written
+
+    def guidance(self, cfg: float) -> Guidance:
+        """The teacher's guidance at CFG scale `cfg` (PAG scale and interval from the spec)."""
+        return Guidance(cfg=cfg, pag=self.pag, start=self.guidance_start, stop=self.guidance_stop)
 
     def pair(self, i: int) -> tuple[str, int, float]:
         """(prompt, seed, cfg) of target i: prompts and CFG scales are taken in turn."""
@@ -112,7 +121,7 @@ def _generate_batch(backbone: Backbone, spec: TargetSpec, batch: list[int], scor
         sched = make_scheduler(spec.scheduler, backbone.scheduler_config)
         x_0[sel] = denoise(backbone, sched, x_T[sel], {k: v[sel] for k, v in cond.items()},
                            uncond={k: v[sel] for k, v in uncond.items()},
-                           guidance=Guidance(cfg=float(w), pag=spec.pag), steps=spec.steps)
+                           guidance=spec.guidance(float(w)), steps=spec.steps)
     score = scorer(backbone.decode(x_0), prompts).float().cpu() if scorer else torch.zeros(len(batch))
     return x_T.cpu(), x_0.cpu(), score
 
@@ -122,6 +131,7 @@ def _check_or_write_manifest(out: Path, spec: TargetSpec, backbone: Backbone) ->
     path = out / "manifest.json"
     if path.is_file():
         old = read_json(path)
+        old["spec"] = asdict(TargetSpec(**old["spec"]))  # folders from before a field existed
         if old != record:
             raise NoiseRefineError(f"{out} holds targets of another spec or base model; use a new folder")
         return
@@ -177,4 +187,4 @@ def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict
 def _teacher_of(manifest: dict) -> tuple:
     spec = manifest["spec"]
     return (manifest["base"], manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
-            spec["scheduler"], spec["score"])
+            spec["scheduler"], spec["score"], spec.get("guidance_start", 0.0), spec.get("guidance_stop", 1.0))

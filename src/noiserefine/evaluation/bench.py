@@ -34,11 +34,11 @@ from noiserefine.world.shapes16 import ALL_PROMPTS
 PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
 NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
 # The full bench takes ~15 minutes on 2 CPU cores: rows not needed at 1,000 images run on the
-# first 500 (or 200 for the per-sample search methods) of the same prompts and seeds.
+# first 500 or 300 (200 for the per-sample search methods) of the same prompts and seeds.
 REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3"  # + refined with --refiner
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n500,"
-                "gaussian@cfg3+n500,gaussian@pag3+n500,gaussian@cfg2+pag3+n500,refined@cfg1.25+n500,"
-                "noise-diffusion@n200,best-of-n@n200")
+                "gaussian@cfg3+n500,gaussian@cfg2+start0.4+n500,gaussian@pag3+n300,gaussian@cfg2+pag3+n300,"
+                "golden,golden@cfg2,noise-diffusion@n200,best-of-n@n200")
 
 
 @dataclass
@@ -49,10 +49,16 @@ class RowSpec:
     steps: int = 20
     n: int | None = None
     strength: float = 1.0
+    start: float = 0.0
+    stop: float = 1.0
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(self.cfg, self.pag, self.start, self.stop)
 
     @property
     def label(self) -> str:
-        g = Guidance(self.cfg, self.pag).name
+        g = self.guidance.name
         extra = (f", {self.steps} steps" if self.steps != 20 else "") + (
             f", s={self.strength:g}" if self.strength != 1.0 else "")
         return f"{self.method} ({g}{extra})"
@@ -62,11 +68,12 @@ def parse_row(text: str) -> RowSpec:
     method, _, opts = text.strip().partition("@")
     spec = RowSpec(method=method)
     for opt in filter(None, opts.split("+")):
-        m = re.fullmatch(r"(cfg|pag|steps|n|strength)([0-9.]+)", opt)
+        m = re.fullmatch(r"(cfg|pag|steps|n|strength|start|stop)([0-9.]+)", opt)
         if not m:
             raise NoiseRefineError(f"bad bench row option {opt!r} in {text!r}")
         key, val = m.groups()
         setattr(spec, key, int(val) if key in ("steps", "n") else float(val))
+    spec.guidance  # a bad scale or interval fails while parsing, before any row runs
     return spec
 
 
@@ -128,7 +135,7 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
     """Time one row (after a one-batch warm-up) and score it."""
     n = min(spec.n or len(setup.prompts), len(setup.prompts))
     prompts, seeds = setup.prompts[:n], setup.seeds[:n]
-    options = SamplingOptions(Guidance(spec.cfg, spec.pag), spec.steps, "ddim", setup.batch_size)
+    options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
     warm = min(setup.batch_size, n, 32)  # two steps touch every code path; timing starts after
     generate_latents(backbone, prompts[:warm], seeds[:warm], method, replace(options, steps=min(spec.steps, 2)))
     with PeakRSS() as mem:
@@ -136,8 +143,9 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
         latents = generate_latents(backbone, prompts, seeds, method, options)
         images = as_saved(backbone.decode(latents))
         seconds = time.perf_counter() - t0
-    nfe = spec.steps * Guidance(spec.cfg, spec.pag).branches + method.extra_nfe
+    nfe = spec.guidance.nfe(spec.steps) + method.extra_nfe
     row = {"row": spec.label, "method": spec.method, "cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
+           "guidance_start": spec.start, "guidance_stop": spec.stop,
            "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
            "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
            **score(images, prompts), **getattr(method, "stats", {})}
@@ -177,9 +185,11 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
                   else build_method(spec.method, backbone, **_method_opts(spec, results)))
         row, _ = run_row(backbone, spec, method, setup, score)
         if spec.method == "refined" and teacher is not None:
-            row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag}
+            row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag,
+                    "teacher_guidance_start": teacher.start, "teacher_guidance_stop": teacher.stop}
         results.append(row)
-    reference = teacher or next((s for s in specs if s.method == "gaussian" and s.cfg != 1 and s.pag == 0), specs[0])
+    reference = teacher or next((s for s in specs if s.method == "gaussian" and s.cfg != 1 and s.pag == 0
+                                 and not s.guidance.limited), specs[0])
     ref_row = next(r for r in results if r["row"] == reference.label)
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
@@ -217,11 +227,12 @@ def _teacher(refiner) -> RowSpec | None:
     teacher = refiner.meta["config"].get("teacher", {})
     if len(teacher.get("cfg", [])) != 1:
         return None  # a scale-conditioned (or untrained) refiner has no single teacher
-    return RowSpec("gaussian", cfg=float(teacher["cfg"][0]), pag=float(teacher["pag"]), steps=int(teacher["steps"]))
+    g = Guidance.of_teacher(teacher)
+    return RowSpec("gaussian", cfg=g.cfg, pag=g.pag, steps=int(teacher["steps"]), start=g.start, stop=g.stop)
 
 
 def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
-    return (a.method, a.cfg, a.pag, a.steps, a.n) == (b.method, b.cfg, b.pag, b.steps, b.n)
+    return (a.method, a.guidance, a.steps, a.n) == (b.method, b.guidance, b.steps, b.n)
 
 
 def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
@@ -229,7 +240,8 @@ def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
     scorer budget Noise Diffusion used earlier in the same run."""
     if spec.method not in ("noise-diffusion", "best-of-n"):
         return {}
-    opts: dict[str, Any] = {"cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps}
+    opts: dict[str, Any] = {"cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
+                            "guidance_start": spec.start, "guidance_stop": spec.stop}
     nd = [r for r in results if r["method"] == "noise-diffusion" and "scorer_calls_per_image" in r]
     if spec.method == "best-of-n" and nd:
         opts["budget"] = max(1, round(nd[-1]["scorer_calls_per_image"]))

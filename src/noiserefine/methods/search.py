@@ -33,7 +33,7 @@ class SearchSampling:
     @property
     def nfe(self) -> int:
         """Denoiser evaluations per image for one sample."""
-        return self.steps * self.guidance.branches
+        return self.guidance.nfe(self.steps)
 
 
 class Candidates:
