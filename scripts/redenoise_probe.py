@@ -1,0 +1,53 @@
+"""Does re-denoised noise (Golden Noise's training targets) sample better than its source noise?
+
+Adherence (primary, held-out judge) of unguided 20-step samples from Gaussian noise, from
+re-denoised noise at several (DDIM grid, high CFG, low CFG) settings, and from noise plus the
+first guided step's x_0 (DDIM inversion queried at t = T), on 480 seeds no bench or training run
+uses. The README's "why NPNet does not help" paragraph quotes this script's output.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/redenoise_probe.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from noiserefine.backbones.loading import load_backbone
+from noiserefine.evaluation.judge import load_judges
+from noiserefine.evaluation.metrics import score_images
+from noiserefine.guidance import Guidance, guided_prediction
+from noiserefine.methods.golden import redenoise
+from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
+from noiserefine.world import ALL_PROMPTS
+
+SETTINGS = [(20, 3.0, 1.0), (10, 5.0, 1.0), (5, 3.0, 1.0), (5, 5.0, 1.0), (5, 5.0, 0.0), (3, 5.0, 1.0)]
+
+
+@torch.no_grad()
+def main(n: int = 480, first_seed: int = 3_000_000) -> None:
+    backbone, judges = load_backbone(), load_judges()
+    seeds = list(range(first_seed, first_seed + n))
+    prompts = [ALL_PROMPTS[s % len(ALL_PROMPTS)] for s in seeds]
+    x_T = noise_for_seeds(seeds, backbone.latent_shape)
+    cond, uncond = backbone.encode_prompts(prompts), backbone.encode_prompts([""] * n)
+
+    def adherence(noise: torch.Tensor) -> str:
+        x_0 = denoise(backbone, make_scheduler("ddim", backbone.scheduler_config), noise, cond, steps=20)
+        scores = score_images(backbone.decode(x_0), prompts, judges)
+        return f"adherence {scores['adherence']:.3f}  held-out {scores['heldout_adherence']:.3f}"
+
+    print("gaussian", adherence(x_T), flush=True)
+    for grid, high, low in SETTINGS:
+        target = redenoise(backbone, x_T, cond, uncond, high_cfg=high, low_cfg=low, grid_steps=grid)
+        print(f"re-denoise grid {grid} high {high:g} low {low:g}:", adherence(target), flush=True)
+    sched = make_scheduler("ddim", backbone.scheduler_config)
+    sched.set_timesteps(20)
+    t_T = sched.timesteps[0]
+    for high in (3.0, 5.0):  # x_1 = sqrt(a_1) x0_hi + sqrt(1 - a_1) x_T, rescaled to unit variance
+        x_1 = sched.step(guided_prediction(backbone, x_T, t_T, cond, uncond, Guidance(high)), t_T, x_T,
+                         return_dict=False)[0]
+        print(f"noise + first guided x_0, CFG {high:g}:", adherence(x_1 / x_1.flatten(1).std(1).view(-1, 1, 1, 1)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
