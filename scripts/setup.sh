@@ -17,3 +17,4 @@ import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print(f"noiserefine environment ready: torch {torch.__version__}")
 PY
+mkdir -p runs  # the (git-ignored) folder the README's commands write into
