@@ -89,7 +89,8 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
 
 
 def make_targets(prompts: Sequence[str], seeds: Sequence[int], cfg: Sequence[float], out: Path, *,
-                 pag: float = 0.0, guidance_start: float = 0.0, guidance_stop: float = 1.0, steps: int = 20, scheduler: str = "ddim", shard_size: int = 256,
+                 pag: float = 0.0, guidance_start: float = 0.0, guidance_stop: float = 1.0, steps: int = 20,
+                 scheduler: str = "ddim", shard_size: int = 256,
                  score: str = "judge", model: str | None = None, batch_size: int = 64, dtype: str | None = None,
                  clip_model: str | None = None, aesthetic_model: str | None = None) -> Path:
     """Guided targets for NoiseRefine (see `noiserefine.targets`)."""

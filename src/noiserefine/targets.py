@@ -130,9 +130,7 @@ def _check_or_write_manifest(out: Path, spec: TargetSpec, backbone: Backbone) ->
     record = {"spec": asdict(spec), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)}
     path = out / "manifest.json"
     if path.is_file():
-        old = read_json(path)
-        old["spec"] = asdict(TargetSpec(**old["spec"]))  # folders from before a field existed
-        if old != record:
+        if _read_manifest(out) != record:
             raise NoiseRefineError(f"{out} holds targets of another spec or base model; use a new folder")
         return
     write_json(path, record)
@@ -175,7 +173,7 @@ def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> 
 
 
 def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
-    manifest = read_json(folder / "manifest.json")
+    manifest = _read_manifest(folder)
     spec = TargetSpec(**manifest["spec"])
     shards = [load_tensors(_shard_path(folder, k)) for k in range(spec.num_shards) if _shard_done(folder, k)]
     if not shards:
@@ -184,7 +182,15 @@ def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict
     return data, [spec.pair(int(i))[0] for i in data["index"]], manifest
 
 
+def _read_manifest(folder: Path) -> dict:
+    """A folder's manifest with its spec completed by TargetSpec's defaults, so folders written
+    before a field existed (e.g. the guidance interval) read as they were made."""
+    manifest = read_json(folder / "manifest.json")
+    manifest["spec"] = asdict(TargetSpec(**manifest["spec"]))
+    return manifest
+
+
 def _teacher_of(manifest: dict) -> tuple:
     spec = manifest["spec"]
     return (manifest["base"], manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
-            spec["scheduler"], spec["score"], spec.get("guidance_start", 0.0), spec.get("guidance_stop", 1.0))
+            spec["scheduler"], spec["score"], spec["guidance_start"], spec["guidance_stop"])

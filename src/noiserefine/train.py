@@ -99,7 +99,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
         raise NoiseRefineError(f"batch size {cfg.batch_size} must divide by {acc.num_processes} processes")
     spec = data.manifest["spec"]
     teacher = {"cfg": spec["cfg"], "pag": spec["pag"], "steps": spec["steps"], "scheduler": spec["scheduler"],
-               "guidance_start": spec.get("guidance_start", 0.0), "guidance_stop": spec.get("guidance_stop", 1.0)}
+               "guidance_start": spec["guidance_start"], "guidance_stop": spec["guidance_stop"]}
     torch.manual_seed(cfg.seed)
     defaults = dict(getattr(backbone, "refiner_defaults", {}))  # e.g. DiT's output layer name
     refiner = NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),
