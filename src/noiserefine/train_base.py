@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.shapes16 import SCHEDULER_CONFIG, Shapes16Backbone
 from noiserefine.checkpoint import load_checkpoint, save_checkpoint
+from noiserefine.errors import NoiseRefineError
 from noiserefine.world.shapes16 import random_prompts, render
 
 
@@ -31,6 +32,28 @@ class BaseTrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     snapshot_every: int = 0  # also keep EMA weights every K steps (to pick the world's base model)
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.checkpoint_every) < 1 or self.snapshot_every < 0:
+            raise NoiseRefineError(f"steps, batch size and checkpoint interval must be >= 1, got {self}")
+        if not (0.0 <= self.prompt_dropout < 1.0 and 0.0 <= self.ema_decay < 1.0 and self.lr > 0):
+            raise NoiseRefineError(
+                f"need 0 <= prompt_dropout < 1, 0 <= ema_decay < 1 and lr > 0, got {self.prompt_dropout}, "
+                f"{self.ema_decay}, {self.lr}")
+
+
+# Fields a resumed run may change: how long it runs and how often it saves.
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "snapshot_every"}
+
+
+def _check_resume(saved: dict, cfg: BaseTrainConfig) -> None:
+    """Refuse to resume a checkpoint written with another recipe (the run would silently mix two)."""
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
+               if k not in _RESUMABLE_CHANGES and hasattr(cfg, k) and getattr(cfg, k) != v}
+    if changed:
+        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+        raise NoiseRefineError(f"the checkpoint in this folder was trained with another recipe ({detail}); "
+                               "resume with the same settings or use a new --out folder")
 
 
 def _batch(cfg: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -60,6 +83,8 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     modules = {"unet": unet, "enc": enc, "ema": ema}
     meta = load_checkpoint(out / "checkpoint", modules, opt)
+    if meta:
+        _check_resume(meta.get("config", {}), cfg)
     start = meta["step"] if meta else 0
     losses: list[float] = meta.get("losses", []) if meta else []
     t0 = time.time()
