@@ -15,16 +15,12 @@ from noiserefine.train_base import BaseTrainConfig, train_base
 TINY = dict(batch_size=4, checkpoint_every=2)
 
 
-def _weights(path) -> dict[str, torch.Tensor]:
-    return load_tensors(path)
-
-
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     straight = train_base(tmp_path / "a", BaseTrainConfig(steps=4, **TINY), progress=False)
     # A run "killed" after its step-2 checkpoint, then restarted with the full length.
     train_base(tmp_path / "b", BaseTrainConfig(steps=2, **TINY), progress=False)
     resumed = train_base(tmp_path / "b", BaseTrainConfig(steps=4, **TINY), progress=False)
-    a, b = _weights(straight), _weights(resumed)
+    a, b = load_tensors(straight), load_tensors(resumed)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -43,7 +39,7 @@ def test_snapshots_are_loadable_models(tmp_path):
 
 def test_resume_with_another_recipe_is_refused(tmp_path):
     train_base(tmp_path, BaseTrainConfig(steps=2, **TINY), progress=False)
-    with pytest.raises(NoiseRefineError, match="prompt_dropout 0.15 -> 0.5"):
+    with pytest.raises(NoiseRefineError, match="another configuration.*prompt_dropout 0.15 -> 0.5"):
         train_base(tmp_path, BaseTrainConfig(steps=4, prompt_dropout=0.5, **TINY), progress=False)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from noiserefine.errors import NoiseRefineError
 from noiserefine.io import load_tensors, read_json, save_tensors, write_json
 
 
@@ -38,6 +39,22 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = val
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def check_resume_config(folder: Path, config: dict[str, Any], may_change: tuple[str, ...] = ()) -> None:
+    """Refuse to resume the checkpoint in `folder` if it was written with another configuration
+    (a resumed run would silently mix two recipes). Keys in `may_change` (e.g. the step budget) are
+    not compared. No checkpoint: nothing to check. Call it before loading any weights."""
+    path = Path(folder) / "state.json"
+    if not path.is_file():
+        return
+    saved = {k: v for k, v in read_json(path).get("config", {}).items() if k not in may_change}
+    config = {k: v for k, v in config.items() if k not in may_change}
+    changed = sorted(k for k in saved.keys() | config.keys() if saved.get(k, "<absent>") != config.get(k, "<absent>"))
+    if changed:
+        detail = ", ".join(f"{k} {saved.get(k, '<absent>')} -> {config.get(k, '<absent>')}" for k in changed)
+        raise NoiseRefineError(f"{Path(folder).parent} holds a run with another configuration ({detail}); "
+                               "resume with the same settings or use a new folder")
 
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module],

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
-from noiserefine.checkpoint import load_checkpoint, save_checkpoint
-from noiserefine.io import load_tensors, read_json
+from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
+from noiserefine.io import load_tensors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
@@ -116,9 +116,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     objective, opt = acc.prepare(objective, opt)
     inv = _inversion_noise(backbone, data, cfg) if cfg.loss == "noise" else None
     ckpt_modules = {"refiner": _RefinerState(refiner)}
-    state = out / "checkpoint" / "state.json"
-    if state.is_file() and read_json(state)["config"] != _comparable(cfg):  # before loading weights
-        raise NoiseRefineError(f"{out} holds a run with another configuration; use a new folder")
+    check_resume_config(out / "checkpoint", _comparable(cfg))
     meta = load_checkpoint(out / "checkpoint", ckpt_modules, opt)
     start, losses = (meta["step"], meta["losses"]) if meta else (0, [])
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.shapes16 import SCHEDULER_CONFIG, Shapes16Backbone
-from noiserefine.checkpoint import load_checkpoint, save_checkpoint
+from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.world.shapes16 import random_prompts, render
 
@@ -43,17 +43,7 @@ class BaseTrainConfig:
 
 
 # Fields a resumed run may change: how long it runs and how often it saves.
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "snapshot_every"}
-
-
-def _check_resume(saved: dict, cfg: BaseTrainConfig) -> None:
-    """Refuse to resume a checkpoint written with another recipe (the run would silently mix two)."""
-    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
-               if k not in _RESUMABLE_CHANGES and hasattr(cfg, k) and getattr(cfg, k) != v}
-    if changed:
-        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(changed.items()))
-        raise NoiseRefineError(f"the checkpoint in this folder was trained with another recipe ({detail}); "
-                               "resume with the same settings or use a new --out folder")
+_MAY_CHANGE_ON_RESUME = ("steps", "checkpoint_every", "snapshot_every")
 
 
 def _batch(cfg: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -82,9 +72,8 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     modules = {"unet": unet, "enc": enc, "ema": ema}
+    check_resume_config(out / "checkpoint", asdict(cfg), _MAY_CHANGE_ON_RESUME)
     meta = load_checkpoint(out / "checkpoint", modules, opt)
-    if meta:
-        _check_resume(meta.get("config", {}), cfg)
     start = meta["step"] if meta else 0
     losses: list[float] = meta.get("losses", []) if meta else []
     t0 = time.time()

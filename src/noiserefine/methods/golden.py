@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone, Cond
-from noiserefine.checkpoint import load_checkpoint, save_checkpoint
+from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance, guided_prediction
 from noiserefine.inversion import to_eps_x0
@@ -419,13 +419,9 @@ def train_npnet(backbone: Backbone, pairs: Path, out: Path, cfg: NPNetTrainConfi
 def _resume(out: Path, net: NPNet, opt: torch.optim.Optimizer, cfg: NPNetTrainConfig) -> tuple[int, list[float]]:
     """(step, losses) of the checkpoint in `out`, restored into net and opt; (0, []) if none.
     The configuration is compared first: another architecture's weights would not even load."""
-    folder = out / "checkpoint"
-    if not (folder / "state.json").is_file():
-        return 0, []
-    if read_json(folder / "state.json")["config"] != _comparable(cfg):
-        raise NoiseRefineError(f"{out} holds a run with another configuration; use a new folder")
-    meta = load_checkpoint(folder, {"npnet": net}, opt)
-    return meta["step"], meta["losses"]
+    check_resume_config(out / "checkpoint", _comparable(cfg))
+    meta = load_checkpoint(out / "checkpoint", {"npnet": net}, opt)
+    return (meta["step"], meta["losses"]) if meta else (0, [])
 
 
 def _train_step(net: NPNet, opt: torch.optim.Optimizer, data: PairSet, emb: torch.Tensor, train_idx: np.ndarray,
