@@ -6,8 +6,8 @@ of the world's five colours (background + 4 shape colours: what is left is geome
 painted area per shape against real renders of the same prompts, and, once, the FD of real renders
 of the same prompts (the floor of FD at this n). The README's "Where guidance helps" quotes it.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/fd_anatomy.py --n 1000 1 3:0.6
-    (a setting is CFG[:start[:stop]]; 1 is unguided; --model picks another base weights file)
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/fd_anatomy.py --n 1000 gaussian gaussian@cfg3+start0.6 gaussian@cfg2
+    (a setting is a bench row of a noise method; --model picks another base weights file)
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import argparse
 import numpy as np
 import torch
 
+from noiserefine.api import build_method
 from noiserefine.backbones.loading import load_backbone
-from noiserefine.evaluation.bench import bench_setup
+from noiserefine.evaluation.bench import bench_setup, parse_row
 from noiserefine.evaluation.judge import load_judges
 from noiserefine.evaluation.metrics import frechet_distance, judge_features, reference_features
-from noiserefine.guidance import Guidance
-from noiserefine.sampling import as_saved, denoise, make_scheduler, noise_for_seeds
+from noiserefine.generation import SamplingOptions, generate_latents
+from noiserefine.sampling import as_saved
 from noiserefine.world.shapes16 import BACKGROUND, COLORS, SHAPES, parse_prompt, render
 
 PALETTE = torch.tensor([(BACKGROUND,) * 3, *COLORS.values()]) * 2 - 1  # (5, 3) in [-1, 1]
@@ -38,26 +39,6 @@ def snap_to_palette(images: torch.Tensor) -> torch.Tensor:
 def painted_area(images: torch.Tensor) -> torch.Tensor:
     """Pixels per image whose colour differs from the background by more than 0.35 in some channel."""
     return ((images - PALETTE[0][:, None, None]).abs().amax(1) > 0.35).sum((1, 2)).float()
-
-
-def guidance_of(setting: str) -> Guidance:
-    parts = [float(v) for v in setting.split(":")]
-    if parts[0] == 1.0:
-        return Guidance()
-    return Guidance(parts[0], start=parts[1] if len(parts) > 1 else 0.0, stop=parts[2] if len(parts) > 2 else 1.0)
-
-
-@torch.no_grad()
-def sample(backbone, setup, n: int, guidance: Guidance, batch: int = 250) -> torch.Tensor:
-    images = []
-    for i in range(0, n, batch):
-        prompts = setup.prompts[i:i + batch]
-        x_T = noise_for_seeds(setup.seeds[i:i + batch], backbone.latent_shape)
-        x_0 = denoise(backbone, make_scheduler("ddim", backbone.scheduler_config), x_T,
-                      backbone.encode_prompts(prompts), uncond=backbone.encode_prompts([""] * len(prompts)),
-                      guidance=guidance, steps=20)
-        images.append(as_saved(backbone.decode(x_0)))
-    return torch.cat(images)
 
 
 def main() -> None:
@@ -76,13 +57,14 @@ def main() -> None:
         snapped = frechet_distance(judge_features(judge, snap_to_palette(images)), ref)
         area = painted_area(images)
         areas = "  ".join(f"{s} {area[torch.from_numpy(shape_of == s)].mean():.1f}" for s in SHAPES)
-        print(f"{name:>14}: FD {fd:6.1f}  palette-snapped FD {snapped:6.1f}  mean area  {areas}", flush=True)
+        print(f"{name:>24}: FD {fd:6.1f}  palette-snapped FD {snapped:6.1f}  mean area  {areas}", flush=True)
 
     real = torch.from_numpy(render([parse_prompt(p) for p in prompts], np.random.default_rng(1)))
     report("real renders", real)
-    for setting in args.settings:
-        guidance = guidance_of(setting)
-        report(guidance.name, sample(backbone, setup, args.n, guidance))
+    for row in map(parse_row, args.settings):
+        options = SamplingOptions(row.guidance, row.steps, "ddim", 250)
+        latents = generate_latents(backbone, prompts, setup.seeds[:args.n], build_method(row.method, backbone), options)
+        report(row.label, as_saved(backbone.decode(latents)))
 
 
 if __name__ == "__main__":
