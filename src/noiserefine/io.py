@@ -15,10 +15,16 @@ from safetensors.torch import load_file, save_file
 from noiserefine.errors import NoiseRefineError
 
 
+def _tmp_path(path: Path) -> Path:
+    """A temporary name beside `path`, private to this process: processes of one multi-process run
+    that write the same file (each writes the same target manifest) must not share a temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a kill never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -26,7 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors save (contiguous CPU copies)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
