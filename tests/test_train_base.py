@@ -10,6 +10,7 @@ from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.cli import main
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import load_tensors
+from noiserefine.sampling import make_scheduler
 from noiserefine.train_base import BaseTrainConfig, train_base
 
 TINY = dict(batch_size=4, checkpoint_every=2)
@@ -55,3 +56,23 @@ def test_cli_bad_prompt_dropout_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "prompt_dropout" in lines[0]
+
+
+def test_noise_schedule_travels_with_the_weights(tmp_path):
+    """A base trained with Stable Diffusion's schedule is sampled with it after loading: the card
+    beside the weights records it, and alpha_bar_T is that schedule's, not the default's."""
+    path = train_base(tmp_path, BaseTrainConfig(steps=1, noise_schedule="sd", **TINY), progress=False)
+    model = Shapes16Backbone.load(path)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    sched = make_scheduler("ddim", model.scheduler_config)
+    torch.testing.assert_close(sched.alphas_cumprod[-1].double(), torch.prod(1 - betas), rtol=1e-5, atol=0)
+    assert float(torch.prod(1 - betas)) > 1e-3  # non-zero terminal SNR
+    default = make_scheduler("ddim", Shapes16Backbone.load().scheduler_config)
+    assert default.alphas_cumprod[-1] < 1e-6  # the shipped cosine base: zero terminal SNR
+
+
+def test_unknown_noise_schedule_is_refused():
+    with pytest.raises(NoiseRefineError, match="unknown noise schedule"):
+        BaseTrainConfig(noise_schedule="linear")
+    result = CliRunner().invoke(main, ["train-base", "--noise-schedule", "linear", "--out", "x"])
+    assert result.exit_code == 2

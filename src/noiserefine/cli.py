@@ -83,15 +83,18 @@ def world_prompts() -> None:
 @click.option("--prompt-dropout", default=0.15, show_default=True,
               help="fraction of training prompts replaced by the empty prompt (what CFG needs)")
 @click.option("--snapshot-every", default=0, help="also keep EMA weights every K steps (0 = off)")
+@click.option("--noise-schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "sd"]),
+              help="cosine (zero terminal SNR) or Stable Diffusion's scaled-linear betas; recorded with the weights")
 @click.option("--out", type=PATH, required=True, help="run folder (resumes if it holds a checkpoint)")
 @_friendly_errors
 def train_base_cmd(steps: int, batch_size: int, seed: int, prompt_dropout: float, snapshot_every: int,
-                   out: Path) -> None:
+                   noise_schedule: str, out: Path) -> None:
     """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base"""
     from noiserefine.train_base import BaseTrainConfig, train_base
 
     click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed,
-                                               prompt_dropout=prompt_dropout, snapshot_every=snapshot_every)))
+                                               prompt_dropout=prompt_dropout, snapshot_every=snapshot_every,
+                                               noise_schedule=noise_schedule)))
 
 
 # -- sampling ---------------------------------------------------------------------------------

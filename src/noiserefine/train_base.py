@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from noiserefine.backbones.shapes16 import SCHEDULER_CONFIG, Shapes16Backbone
+from noiserefine.backbones.shapes16 import NOISE_SCHEDULES, Shapes16Backbone
 from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.world.shapes16 import random_prompts, render
@@ -32,6 +32,7 @@ class BaseTrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     snapshot_every: int = 0  # also keep EMA weights every K steps (to pick the world's base model)
+    noise_schedule: str = "cosine"  # a key of NOISE_SCHEDULES
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.checkpoint_every) < 1 or self.snapshot_every < 0:
@@ -40,6 +41,8 @@ class BaseTrainConfig:
             raise NoiseRefineError(
                 f"need 0 <= prompt_dropout < 1, 0 <= ema_decay < 1 and lr > 0, got {self.prompt_dropout}, "
                 f"{self.ema_decay}, {self.lr}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise NoiseRefineError(f"unknown noise schedule {self.noise_schedule!r}; one of {sorted(NOISE_SCHEDULES)}")
 
 
 # Fields a resumed run may change: how long it runs and how often it saves.
@@ -65,12 +68,13 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
     """Train (or resume) the base model; writes `out/shapes16-base.safetensors` (EMA weights)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Shapes16Backbone.create(cfg.seed)
+    schedule = NOISE_SCHEDULES[cfg.noise_schedule]
+    model = Shapes16Backbone.create(cfg.seed, schedule)
     unet, enc = model.denoiser, model.prompt_encoder
     ema = copy.deepcopy(torch.nn.ModuleDict({"unet": unet, "enc": enc})).requires_grad_(False)
     params = list(unet.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    noise_sched = DDPMScheduler.from_config(schedule)
     modules = {"unet": unet, "enc": enc, "ema": ema}
     check_resume_config(out / "checkpoint", asdict(cfg), _MAY_CHANGE_ON_RESUME)
     meta = load_checkpoint(out / "checkpoint", modules, opt)
@@ -98,9 +102,9 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
             save_checkpoint(out / "checkpoint", step + 1, modules, opt, {"losses": losses, "config": asdict(cfg)})
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
             (out / "snapshots").mkdir(exist_ok=True)
-            Shapes16Backbone(copy.deepcopy(ema["unet"]), copy.deepcopy(ema["enc"])).save(
+            Shapes16Backbone(copy.deepcopy(ema["unet"]), copy.deepcopy(ema["enc"]), scheduler_config=schedule).save(
                 out / "snapshots" / f"shapes16-base-step{step + 1}.safetensors", {"training": asdict(cfg), "step": step + 1})
-    final = Shapes16Backbone(ema["unet"], ema["enc"])
+    final = Shapes16Backbone(ema["unet"], ema["enc"], scheduler_config=schedule)
     path = out / "shapes16-base.safetensors"
     final.save(path, {"training": asdict(cfg), "final_loss_avg50": float(np.mean(losses[-50:])),
                       "train_seconds_this_run": round(time.time() - t0, 1)})

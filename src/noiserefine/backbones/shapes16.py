@@ -14,7 +14,7 @@ from torch import nn
 from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.backbones.base import Cond, DenoiserBackboneMixin
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import load_tensors, save_tensors, state_hash, write_json
+from noiserefine.io import load_tensors, read_json, save_tensors, state_hash, write_json
 from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
 
 UNET_CONFIG: dict[str, Any] = {
@@ -33,6 +33,12 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "v_prediction",
+}
+# Noise schedules a base can be trained with (`train-base --noise-schedule`): the default cosine one
+# (zero terminal SNR: alpha_bar_T ~ 2e-9) and Stable Diffusion's (alpha_bar_T ~ 0.0047).
+NOISE_SCHEDULES: dict[str, dict[str, Any]] = {
+    "cosine": SCHEDULER_CONFIG,
+    "sd": {**SCHEDULER_CONFIG, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
 }
 EMBED_DIM = 64
 # PAG on the 8 x 8 self-attention layers: on the 4 x 4 mid block identity attention changes the
@@ -70,11 +76,11 @@ class Shapes16Backbone(DenoiserBackboneMixin):
     """Backbone protocol for the embedded model (pixel space: latents are 3 x 16 x 16 images)."""
 
     name = "shapes16-unet"
-    scheduler_config = SCHEDULER_CONFIG
 
     def __init__(self, unet: UNet2DConditionModel, prompt_encoder: PromptEncoder,
-                 pag_layers: Sequence[str] = PAG_LAYERS) -> None:
+                 pag_layers: Sequence[str] = PAG_LAYERS, scheduler_config: dict[str, Any] = SCHEDULER_CONFIG) -> None:
         self.denoiser = unet
+        self.scheduler_config = dict(scheduler_config)
         self.prompt_encoder = prompt_encoder
         self.pag_layers = tuple(pag_layers)
         self._pag = install_pag_processors(unet, self.pag_layers)
@@ -82,17 +88,20 @@ class Shapes16Backbone(DenoiserBackboneMixin):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def create(cls, seed: int = 0) -> "Shapes16Backbone":
+    def create(cls, seed: int = 0, scheduler_config: dict[str, Any] = SCHEDULER_CONFIG) -> "Shapes16Backbone":
         """A freshly initialised (untrained) model."""
         torch.manual_seed(seed)
-        return cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder())
+        return cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder(), scheduler_config=scheduler_config)
 
     @classmethod
     def load(cls, path: str | Path | None = None, pag_layers: Sequence[str] = PAG_LAYERS) -> "Shapes16Backbone":
-        """Load weights (the shipped base model when `path` is None)."""
+        """Load weights (the shipped base model when `path` is None), with the noise schedule their
+        card (the `.json` beside them) records; a file without a card gets the default schedule."""
         path = Path(path) if path else Path(str(resources.files("noiserefine") / "weights" / DEFAULT_WEIGHTS))
         tensors = load_tensors(path)
-        model = cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder(), pag_layers)
+        card = path.with_suffix(".json")
+        scheduler = read_json(card).get("scheduler", SCHEDULER_CONFIG) if card.is_file() else SCHEDULER_CONFIG
+        model = cls(UNet2DConditionModel(**UNET_CONFIG), PromptEncoder(), pag_layers, scheduler)
         try:
             model.denoiser.load_state_dict(_strip(tensors, "unet."))
             model.prompt_encoder.load_state_dict(_strip(tensors, "prompt_encoder."))
@@ -106,7 +115,7 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         tensors |= {f"prompt_encoder.{k}": v for k, v in self.prompt_encoder.state_dict().items()}
         save_tensors(Path(path), tensors)
         write_json(Path(path).with_suffix(".json"), {
-            "architecture": self.name, "unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG, **(card or {})})
+            "architecture": self.name, "unet": UNET_CONFIG, "scheduler": self.scheduler_config, **(card or {})})
 
     def eval(self) -> "Shapes16Backbone":
         self.denoiser.eval()
