@@ -18,7 +18,7 @@ from PIL import Image
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.generation import SamplingOptions, generate_latents
-from noiserefine.guidance import Guidance
+from noiserefine.guidance import Guidance, check_guide
 from noiserefine.io import atomic_write_bytes, ensure_out_dir
 from noiserefine.methods.base import GaussianNoise, NoiseMethod, RefinedNoise
 from noiserefine.methods.refine import NoiseRefiner
@@ -63,13 +63,17 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
                      refiner: Path | None = None, strength: float = 1.0, force: bool = False,
                      cfg: float = 1.0, pag: float = 0.0, steps: int = 20, scheduler: str = "ddim",
                      model: str | None = None, batch_size: int = 64, dtype: str | None = None,
-                     guidance_start: float = 0.0, guidance_stop: float = 1.0) -> Path:
-    """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, steps,
-    scheduler, strength, guidance_start, guidance_stop)."""
-    guidance = Guidance(cfg, pag, guidance_start, guidance_stop)
+                     guidance_start: float = 0.0, guidance_stop: float = 1.0, auto: float = 1.0,
+                     guide: str | None = None) -> Path:
+    """One PNG per (prompt, seed), plus `manifest.jsonl` (file, prompt, seed, method, cfg, pag, auto,
+    steps, scheduler, strength, guidance_start, guidance_stop). `auto` is the autoguidance scale
+    with the guide model `guide` (default: the embedded model's shipped guide)."""
+    guidance = Guidance(cfg, pag, guidance_start, guidance_stop, auto)
     out = ensure_out_dir(out)
-    backbone = load_backbone(model, dtype=dtype)
-    search = ({"cfg": cfg, "pag": pag, "steps": steps, "guidance_start": guidance_start, "guidance_stop": guidance_stop}
+    backbone = load_backbone(model, guide=guide, dtype=dtype)
+    check_guide(backbone, guidance)
+    search = ({"cfg": cfg, "pag": pag, "steps": steps, "guidance_start": guidance_start, "guidance_stop": guidance_stop,
+               "auto": auto}
               if method in ("noise-diffusion", "best-of-n") else {})
     noise = build_method(method, backbone, refiner=refiner, strength=strength, force=force, **search)
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -82,7 +86,7 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
         name = f"{k:05d}_seed{seed}.png"
         Image.fromarray(img).save(out / name)
         rows.append({"file": name, "prompt": prompt, "seed": seed, "method": method, "cfg": cfg, "pag": pag,
-                     "steps": steps, "scheduler": scheduler, "strength": strength if method == "refined" else None,
+                     "auto": auto, "steps": steps, "scheduler": scheduler, "strength": strength if method == "refined" else None,
                      "guidance_start": guidance_start, "guidance_stop": guidance_stop})
     atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return out

@@ -132,6 +132,8 @@ def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--force", is_flag=True, help="load a refiner trained on another base model"),
         click.option("--cfg", default=1.0, help="CFG scale w (1 = off)"),
         click.option("--pag", default=0.0, help="PAG scale s (0 = off)"),
+        click.option("--auto", default=1.0, help="autoguidance scale a (1 = off; uses the guide model)"),
+        click.option("--guide", default=None, help="guide model for --auto (default: the shipped one of shapes16)"),
         click.option("--guidance-start", default=0.0, help="guide only steps from this fraction of the run on"),
         click.option("--guidance-stop", default=1.0, help="guide only steps before this fraction of the run"),
         click.option("--steps", default=20, help="sampler steps"),
@@ -256,13 +258,14 @@ def train(ctx: click.Context, **_: Any) -> None:
 @click.option("--refiner", type=PATH, default=None)
 @click.option("--force", is_flag=True, help="use a refiner trained on another base model")
 @click.option("--model", default=None, help="base model: shapes16 (default), weights file, pipeline folder or hub id")
+@click.option("--guide", default=None, help="guide model of the autoA rows (default: the shipped one of shapes16)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
 @click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts)")
 @click.option("--clip-model", default=None, help="local CLIP folder: CLIP score per row (real models)")
 @click.option("--out", type=PATH, required=True)
 @_friendly_errors
 def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool, model: str | None,
-          dtype: str | None, prompt_file: Path | None, clip_model: str | None, out: Path) -> None:
+          guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None, out: Path) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
 
     On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures
@@ -274,7 +277,7 @@ def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool,
 
     prompts = _read_prompts(prompt_file) if prompt_file else None
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
-                         dtype=dtype, prompts=prompts, clip_model=clip_model).read_text())
+                         dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide).read_text())
 
 
 @main.command()

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
-from noiserefine.guidance import UNGUIDED, Guidance
+from noiserefine.guidance import UNGUIDED, Guidance, conditioning
 from noiserefine.methods.base import GaussianNoise, NoiseMethod
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
 
@@ -42,7 +42,7 @@ def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence
 def sample_from_noise(backbone: Backbone, x_T: torch.Tensor, prompts: Sequence[str],
                       options: SamplingOptions) -> torch.Tensor:
     """Latents x_0 from given initial noise (unguided or guided)."""
-    cond = backbone.encode_prompts(prompts)
+    cond = conditioning(backbone, prompts)
     uncond = backbone.encode_prompts([""] * len(prompts)) if options.guidance.uses_uncond else None
     sched = make_scheduler(options.scheduler, backbone.scheduler_config)
     return denoise(backbone, sched, x_T, cond, uncond=uncond, guidance=options.guidance, steps=options.steps)

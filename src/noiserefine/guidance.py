@@ -1,12 +1,17 @@
-"""Guidance as one function of the model outputs: none, CFG(w), PAG(s) and CFG+PAG.
+"""Guidance as one function of the model outputs: none, CFG(w), PAG(s), autoguidance(a) and
+their sums.
 
-All branches of a step go through ONE batched forward: [uncond | cond | cond-perturbed]
+All branches of the model go through ONE batched forward: [uncond | cond | cond-perturbed]
 (only the branches the spec uses). The combination is diffusers' (Ho & Salimans 2022, Eq. 6;
-Ahn et al. 2024, Eq. 8; NoiseRefine Eqs. 31-32):
+Ahn et al. 2024, Eq. 8; NoiseRefine Eqs. 31-32; Karras et al. 2024, "Guiding a diffusion model
+with a bad version of itself", Eq. 2, in diffusers' `AutoGuidance` convention):
 
-    out = u + w * (c - u) + s * (c - p)
+    out = u + w * (c - u) + s * (c - p) + (a - 1) * (c - g)
 
-where u, c, p are the unconditional, conditional and perturbed-attention predictions.
+where u, c, p are the unconditional, conditional and perturbed-attention predictions and g is the
+conditional prediction of the backbone's guide model (`backbone.guide`: a weaker model of the same
+family, e.g. an earlier training snapshot), one more forward of that model. With w = 1, s = 0 the
+output is g + a * (c - g): autoguidance proper.
 
 A guidance interval (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval improves
 sample and distribution quality") switches guidance on only for sampler steps i of N with
@@ -18,32 +23,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from noiserefine.backbones.base import Backbone, Cond, cat_cond
 from noiserefine.errors import NoiseRefineError
 
+GUIDE_PREFIX = "guide."
+"""Conditioning keys of the guide model inside a backbone's conditioning (see `conditioning`)."""
+
 
 @dataclass(frozen=True)
 class Guidance:
-    """A guidance spec. `cfg=1, pag=0` is unguided sampling (one model evaluation per step);
+    """A guidance spec. `cfg=1, pag=0, auto=1` is unguided sampling (one model evaluation per step);
     `start`/`stop` (fractions of the sampler steps) limit guidance to an interval."""
 
     cfg: float = 1.0
     pag: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    auto: float = 1.0
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(v) for v in (self.cfg, self.pag, self.start, self.stop)) or self.pag < 0:
-            raise NoiseRefineError(f"guidance scales must be finite and pag >= 0, got {self}")
+        scales = (self.cfg, self.pag, self.start, self.stop, self.auto)
+        if not all(math.isfinite(v) for v in scales) or self.pag < 0 or self.auto < 1:
+            raise NoiseRefineError(f"guidance scales must be finite, pag >= 0 and auto >= 1, got {self}")
         if not 0.0 <= self.start < self.stop <= 1.0:
             raise NoiseRefineError(f"guidance interval needs 0 <= start < stop <= 1, got {self.start}, {self.stop}")
 
     @property
     def is_guided(self) -> bool:
-        return self.uses_uncond or self.uses_pag
+        return self.uses_uncond or self.uses_pag or self.uses_auto
 
     @property
     def limited(self) -> bool:
@@ -77,14 +88,18 @@ class Guidance:
         return self.pag != 0.0
 
     @property
+    def uses_auto(self) -> bool:
+        return self.auto != 1.0
+
+    @property
     def branches(self) -> int:
-        """Model evaluations per sampler step."""
-        return 1 + int(self.uses_uncond) + int(self.uses_pag)
+        """Model evaluations per sampler step (the guide model's counts as one)."""
+        return 1 + int(self.uses_uncond) + int(self.uses_pag) + int(self.uses_auto)
 
     @property
     def name(self) -> str:
         parts = ([f"cfg{self.cfg:g}"] if self.uses_uncond else []) + (
-            [f"pag{self.pag:g}"] if self.uses_pag else [])
+            [f"pag{self.pag:g}"] if self.uses_pag else []) + ([f"auto{self.auto:g}"] if self.uses_auto else [])
         interval = f"[{self.start:g}-{self.stop:g}]" if self.limited else ""
         return "+".join(parts) + interval if parts else "unguided"
 
@@ -92,9 +107,29 @@ class Guidance:
 UNGUIDED = Guidance()
 
 
+def conditioning(backbone: Backbone, prompts: Sequence[str]) -> Cond:
+    """`backbone.encode_prompts(prompts)`, plus the guide model's own conditioning of the same
+    prompts under `guide.` keys when the backbone has a guide (autoguidance needs both)."""
+    cond = backbone.encode_prompts(prompts)
+    guide = getattr(backbone, "guide", None)
+    if guide is not None:
+        cond |= {GUIDE_PREFIX + k: v for k, v in guide.encode_prompts(prompts).items()}
+    return cond
+
+
+def split_guide(cond: Cond) -> tuple[Cond, Cond]:
+    """(the backbone's conditioning, the guide model's) of a conditioning made by `conditioning`."""
+    own = {k: v for k, v in cond.items() if not k.startswith(GUIDE_PREFIX)}
+    return own, {k[len(GUIDE_PREFIX):]: v for k, v in cond.items() if k.startswith(GUIDE_PREFIX)}
+
+
 def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond: Cond,
                       uncond: Cond | None, guidance: Guidance) -> torch.Tensor:
-    """The guided model output at (x, t): all branches in one batched forward."""
+    """The guided model output at (x, t): all branches of the model in one batched forward (and
+    one forward of the guide model for autoguidance)."""
+    check_guide(backbone, guidance)
+    cond, guide_cond = split_guide(cond)
+    uncond = None if uncond is None else split_guide(uncond)[0]
     b = x.shape[0]
     names = (["uncond"] if guidance.uses_uncond else []) + ["cond"] + (
         ["perturbed"] if guidance.uses_pag else [])
@@ -111,4 +146,22 @@ def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond
     result = parts["uncond"] + guidance.cfg * (c - parts["uncond"]) if guidance.uses_uncond else c
     if guidance.uses_pag:
         result = result + guidance.pag * (c - parts["perturbed"])
+    if guidance.uses_auto:
+        result = result + (guidance.auto - 1.0) * (c - _guide_prediction(backbone, x, t, guide_cond))
     return result
+
+
+def check_guide(backbone: Backbone, guidance: Guidance) -> None:
+    """Fail early when `guidance` uses autoguidance and `backbone` has no guide model."""
+    if guidance.uses_auto and getattr(backbone, "guide", None) is None:
+        raise NoiseRefineError("autoguidance (auto != 1) needs a guide model: attach one with "
+                               "noiserefine.backbones.base.attach_guide(backbone, guide) or pass --guide")
+
+
+def _guide_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, guide_cond: Cond) -> torch.Tensor:
+    """The guide model's conditional prediction at (x, t), in the backbone's dtype."""
+    if not guide_cond:
+        raise NoiseRefineError("autoguidance needs the guide's conditioning: encode prompts with "
+                               "noiserefine.guidance.conditioning(backbone, prompts)")
+    guide = backbone.guide
+    return guide.predict(x.to(guide.dtype), t, guide_cond).to(x.dtype)

@@ -2,7 +2,8 @@
 
 A backbone owns a denoiser network (the module LoRA refiners attach to), knows how to turn prompts
 into conditioning, predicts at (x_t, t), can switch perturbed self-attention on for chosen batch
-entries (PAG), and decodes latents to images in [-1, 1].
+entries (PAG), and decodes latents to images in [-1, 1]. A backbone may carry a `guide`: a weaker
+backbone of the same family that autoguidance extrapolates away from (`attach_guide`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DenoiserBackboneMixin:
     state `self._pag` that `pag.install_pag_processors` returned."""
 
     denoiser: nn.Module
+    guide: "Backbone | None" = None  # the weaker model autoguidance extrapolates away from
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,6 +59,21 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] through an AutoencoderKL, as the SD and DiT pipelines do."""
     latents = latents.to(dtype=vae.dtype, device=vae.device)
     return vae.decode(latents / vae.config.scaling_factor).sample
+
+
+def attach_guide(backbone: "Backbone", guide: "Backbone") -> "Backbone":
+    """Give `backbone` a guide model for autoguidance (Karras et al. 2024): a weaker model of the
+    same family -- same latent shape, output parameterisation and noise schedule,
+    e.g. an earlier snapshot or a smaller model. Returns `backbone`."""
+    mine, theirs = backbone.scheduler_config, guide.scheduler_config
+    for key in ("prediction_type", "num_train_timesteps", "beta_schedule"):
+        if mine.get(key) != theirs.get(key):
+            raise NoiseRefineError(f"the guide model's {key} is {theirs.get(key)!r}, the backbone's {mine.get(key)!r}")
+    if tuple(guide.latent_shape) != tuple(backbone.latent_shape):
+        raise NoiseRefineError(f"the guide model's latents are {tuple(guide.latent_shape)}, "
+                               f"the backbone's {tuple(backbone.latent_shape)}")
+    backbone.guide = guide
+    return backbone
 
 
 def cat_cond(conds: Sequence[Cond]) -> Cond:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiserefine.backbones.base import Backbone
+from noiserefine.backbones.base import Backbone, attach_guide
 from noiserefine.errors import NoiseRefineError
 
 # model_index.json `_class_name` -> (module, adapter class). A SiT folder is a DiTPipeline folder
@@ -26,17 +26,28 @@ FAMILIES: dict[str, tuple[str, str]] = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_backbone(model: str | None = None, *, dtype: str | torch.dtype | None = None,
+def load_backbone(model: str | None = None, *, guide: str | None = None, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None, **kw: Any) -> Backbone:
-    """None or "shapes16": the shipped embedded model; a `.safetensors` file: shapes16 weights;
-    a diffusers pipeline folder (model_index.json) or hub id: the adapter for its pipeline class.
+    """None or "shapes16": the shipped embedded model (with its shipped guide model); a
+    `.safetensors` file: shapes16 weights; a diffusers pipeline folder (model_index.json) or hub
+    id: the adapter for its pipeline class.
 
     Args:
+        guide: a weaker model of the same family for autoguidance, named as `model` is (replaces
+            the shipped guide of the embedded model).
         dtype: weights dtype of a real model ("fp32", "fp16", "bf16" or a torch dtype; default fp32).
         device: where a real model goes; default: this process's accelerate device (so each process
             of `accelerate launch` takes its own GPU; the CPU when there is none).
         kw: passed to the adapter's `from_pretrained` (e.g. `resolution=`, `pag_layers=`).
     """
+    backbone = _load(model, dtype, device, **kw)
+    if guide is not None:
+        attach_guide(backbone, _load(guide, dtype, device))
+    return backbone
+
+
+def _load(model: str | None, dtype: str | torch.dtype | None, device: str | torch.device | None,
+          **kw: Any) -> Backbone:
     from noiserefine.backbones.shapes16 import Shapes16Backbone
 
     if model in (None, "", "shapes16"):

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from noiserefine.backbones.pag import install_pag_processors
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, attach_guide
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import load_tensors, read_json, save_tensors, state_hash, write_json
 from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
@@ -46,6 +46,7 @@ EMBED_DIM = 64
 PAG_LAYERS = ("down_blocks.1", "up_blocks.1")
 SLOTS = (tuple(COLORS), SHAPES, tuple(POSITIONS))
 DEFAULT_WEIGHTS = "shapes16-base.safetensors"
+DEFAULT_GUIDE = "shapes16-guide.safetensors"  # an earlier snapshot of the same run (autoguidance)
 
 
 class PromptEncoder(nn.Module):
@@ -95,9 +96,12 @@ class Shapes16Backbone(DenoiserBackboneMixin):
 
     @classmethod
     def load(cls, path: str | Path | None = None, pag_layers: Sequence[str] = PAG_LAYERS) -> "Shapes16Backbone":
-        """Load weights (the shipped base model when `path` is None), with the noise schedule their
-        card (the `.json` beside them) records; a file without a card gets the default schedule."""
-        path = Path(path) if path else Path(str(resources.files("noiserefine") / "weights" / DEFAULT_WEIGHTS))
+        """Load weights (the shipped base model, with its shipped guide model for autoguidance, when
+        `path` is None), with the noise schedule their card (the `.json` beside them) records; a file
+        without a card gets the default schedule."""
+        if not path:
+            return attach_guide(cls.load(_shipped(DEFAULT_WEIGHTS), pag_layers), cls.load(_shipped(DEFAULT_GUIDE)))
+        path = Path(path)
         tensors = load_tensors(path)
         card = path.with_suffix(".json")
         scheduler = read_json(card).get("scheduler", SCHEDULER_CONFIG) if card.is_file() else SCHEDULER_CONFIG
@@ -146,6 +150,10 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         if self._fingerprint is None:
             self._fingerprint = {"architecture": self.name, "weights_sha256": state_hash(self.denoiser)}
         return self._fingerprint
+
+
+def _shipped(name: str) -> Path:
+    return Path(str(resources.files("noiserefine") / "weights" / name))
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

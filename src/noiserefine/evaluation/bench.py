@@ -1,9 +1,10 @@
 """`noiserefine bench` (DESIGN.md section 4): every method in ONE process, on the same prompts
 and seeds, with time per image, model evaluations, memory, adherence and FD under two judges.
 
-A row is written `method[@opt+opt...]`, options `cfgW`, `pagS`, `stepsN`, `nN` (fewer images for
-an expensive row: the first N of the same prompts and seeds), `strengthS`. Examples:
-`gaussian`, `gaussian@cfg5`, `gaussian@cfg2+pag3`, `refined@steps5`, `noise-diffusion@n200`.
+A row is written `method[@opt+opt...]`, options `cfgW`, `pagS`, `autoA` (autoguidance with the
+backbone's guide model), `startF`/`stopF` (guidance interval), `stepsN`, `nN` (fewer images for an
+expensive row: the first N of the same prompts and seeds), `strengthS`. Examples: `gaussian`,
+`gaussian@cfg5`, `gaussian@cfg2+pag3`, `gaussian@auto2`, `refined@steps5`, `noise-diffusion@n200`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from noiserefine.backbones.loading import load_backbone
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, generate_latents
-from noiserefine.guidance import Guidance
+from noiserefine.guidance import Guidance, check_guide
 from noiserefine.io import ensure_out_dir, write_json
 from noiserefine.methods.base import NoiseMethod
 from noiserefine.sampling import as_saved
@@ -37,8 +38,8 @@ NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds
 # run on the first 500 or 300 (200 for the per-sample search methods) of the same prompts and seeds.
 REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3"  # + refined with --refiner
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n300,"
-                "gaussian@cfg3+n300,gaussian@cfg2.5+pag1.5+start0.6,gaussian@pag3+n300,gaussian@cfg2+pag3+n300,"
-                "golden,golden@cfg2+n500,noise-diffusion@n200,best-of-n@n200")
+                "gaussian@cfg3+n300,gaussian@cfg2.5+pag1.5+start0.6,gaussian@pag3+n300,gaussian@auto3,"
+                "golden,golden@cfg2+n300,noise-diffusion@n200,best-of-n@n200")
 
 
 @dataclass
@@ -51,10 +52,11 @@ class RowSpec:
     strength: float = 1.0
     start: float = 0.0
     stop: float = 1.0
+    auto: float = 1.0
 
     @property
     def guidance(self) -> Guidance:
-        return Guidance(self.cfg, self.pag, self.start, self.stop)
+        return Guidance(self.cfg, self.pag, self.start, self.stop, self.auto)
 
     @property
     def label(self) -> str:
@@ -68,7 +70,7 @@ def parse_row(text: str) -> RowSpec:
     method, _, opts = text.strip().partition("@")
     spec = RowSpec(method=method)
     for opt in filter(None, opts.split("+")):
-        m = re.fullmatch(r"(cfg|pag|steps|n|strength|start|stop)([0-9.]+)", opt)
+        m = re.fullmatch(r"(cfg|pag|auto|steps|n|strength|start|stop)([0-9.]+)", opt)
         if not m:
             raise NoiseRefineError(f"bad bench row option {opt!r} in {text!r}")
         key, val = m.groups()
@@ -145,7 +147,7 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
         seconds = time.perf_counter() - t0
     nfe = spec.guidance.nfe(spec.steps) + method.extra_nfe
     row = {"row": spec.label, "method": spec.method, "cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
-           "guidance_start": spec.start, "guidance_stop": spec.stop,
+           "guidance_start": spec.start, "guidance_stop": spec.stop, "auto": spec.auto,
            "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
            "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
            **score(images, prompts), **getattr(method, "stats", {})}
@@ -155,7 +157,7 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
               refiner: Path | None = None, model: str | None = None, progress: bool = True,
               prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
-              force: bool = False) -> Path:
+              force: bool = False, guide: str | None = None) -> Path:
     """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path.
 
     On the embedded shapes16 model rows are scored by the two judges (adherence, FD). On a real
@@ -168,7 +170,9 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
 
     out = ensure_out_dir(out)
     specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]
-    backbone = load_backbone(model, dtype=dtype)
+    backbone = load_backbone(model, guide=guide, dtype=dtype)
+    for spec in specs:
+        check_guide(backbone, spec.guidance)
     shapes16 = isinstance(backbone, Shapes16Backbone)
     if rows == "default" and not shapes16:
         specs = [parse_row(r) for r in REAL_MODEL_ROWS.split(",") + (["refined"] if refiner else [])]
@@ -189,7 +193,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
                     "teacher_guidance_start": teacher.start, "teacher_guidance_stop": teacher.stop}
         results.append(row)
     reference = teacher or next((s for s in specs if s.method == "gaussian" and s.cfg != 1 and s.pag == 0
-                                 and not s.guidance.limited), specs[0])
+                                 and not s.guidance.uses_auto and not s.guidance.limited), specs[0])
     ref_row = next(r for r in results if r["row"] == reference.label)
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
@@ -241,7 +245,7 @@ def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
     if spec.method not in ("noise-diffusion", "best-of-n"):
         return {}
     opts: dict[str, Any] = {"cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
-                            "guidance_start": spec.start, "guidance_stop": spec.stop}
+                            "guidance_start": spec.start, "guidance_stop": spec.stop, "auto": spec.auto}
     nd = [r for r in results if r["method"] == "noise-diffusion" and "scorer_calls_per_image" in r]
     if spec.method == "best-of-n" and nd:
         opts["budget"] = max(1, round(nd[-1]["scorer_calls_per_image"]))

@@ -32,17 +32,18 @@ def golden(backbone: Backbone, path: str | Path | None = None, force: bool = Fal
 def noise_diffusion(backbone: Backbone, rounds: int = 10, candidates: int = 16, threshold: float = 0.999,
                     gamma_min: float = 0.05, gamma_max: float = 0.9, cfg: float = 1.0, pag: float = 0.0,
                     steps: int = 20, scorer: str = "primary", guidance_start: float = 0.0,
-                    guidance_stop: float = 1.0) -> NoiseDiffusion:
+                    guidance_stop: float = 1.0, auto: float = 1.0) -> NoiseDiffusion:
     """Noise Diffusion under the shapes16 judge `scorer` ("primary"; never optimise the judge you grade with)."""
     config = NoiseDiffusionConfig(rounds, candidates, threshold, gamma_min, gamma_max)
-    guidance = Guidance(cfg, pag, guidance_start, guidance_stop)
+    guidance = Guidance(cfg, pag, guidance_start, guidance_stop, auto)
     return NoiseDiffusion(backbone, judge_scorer(scorer, backbone), config, SearchSampling(guidance, steps))
 
 
 def best_of_n(backbone: Backbone, budget: int = 4, cfg: float = 1.0, pag: float = 0.0, steps: int = 20,
-              scorer: str = "primary", guidance_start: float = 0.0, guidance_stop: float = 1.0) -> BestOfN:
+              scorer: str = "primary", guidance_start: float = 0.0, guidance_stop: float = 1.0,
+              auto: float = 1.0) -> BestOfN:
     """Best of `budget` noises per image under the shapes16 judge `scorer`."""
-    guidance = Guidance(cfg, pag, guidance_start, guidance_stop)
+    guidance = Guidance(cfg, pag, guidance_start, guidance_stop, auto)
     return BestOfN(backbone, judge_scorer(scorer, backbone), budget, SearchSampling(guidance, steps))
 
 

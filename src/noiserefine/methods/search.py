@@ -17,7 +17,7 @@ import torch
 
 from noiserefine.backbones.base import Backbone, Cond
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import UNGUIDED, Guidance
+from noiserefine.guidance import UNGUIDED, Guidance, conditioning
 from noiserefine.sampling import GradMode, check_noise, denoise, make_scheduler
 from noiserefine.targets import Scorer
 
@@ -70,7 +70,7 @@ def sample_and_score(backbone: Backbone, scorer: Scorer, z: torch.Tensor, cond: 
 @torch.no_grad()
 def encode(backbone: Backbone, prompts: Sequence[str], sampling: SearchSampling) -> tuple[Cond, Cond | None]:
     """Conditioning of `prompts` and, when CFG is on, of the empty prompt (constants of the search)."""
-    cond = backbone.encode_prompts(list(prompts))
+    cond = conditioning(backbone, list(prompts))
     uncond = backbone.encode_prompts([""] * len(prompts)) if sampling.guidance.uses_uncond else None
     return cond, uncond
 
