@@ -105,3 +105,23 @@ def test_cli_sample_with_autoguidance(tmp_path):
     assert [r["auto"] for r in rows] == [2.0, 2.0]
     bad = CliRunner().invoke(main, args + ["--auto", "2", "--out", str(tmp_path / "b")])  # a model with no guide
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and "guide model" in bad.output, bad.output
+
+
+def test_stable_diffusion_backbone_takes_a_guide():
+    """The same rule on the SD adapter (tiny components; the guide's UNet is perturbed to differ)."""
+    from sd_components import make_tiny_sd_pipe
+
+    from noiserefine.backbones.stable_diffusion import StableDiffusionBackbone
+
+    bb = StableDiffusionBackbone.from_pipeline(make_tiny_sd_pipe())
+    weak = make_tiny_sd_pipe()
+    with torch.no_grad():
+        weak.unet.conv_out.weight.mul_(0.5)
+    attach_guide(bb, StableDiffusionBackbone.from_pipeline(weak))
+    x, t, prompts = noise_for_seeds([5], bb.latent_shape), torch.tensor(700), ["a photo of a cat"]
+    with torch.no_grad():
+        got = guided_prediction(bb, x, t, conditioning(bb, prompts), bb.encode_prompts([""]), Guidance(cfg=3.0, auto=2.0))
+        cfg = guided_prediction(bb, x, t, bb.encode_prompts(prompts), bb.encode_prompts([""]), Guidance(cfg=3.0))
+        good, bad = bb.predict(x, t, bb.encode_prompts(prompts)), bb.guide.predict(x, t, bb.guide.encode_prompts(prompts))
+    torch.testing.assert_close(got, cfg + (good - bad), rtol=0, atol=1e-5)
+    assert (good - bad).abs().max() > 1e-3

@@ -35,7 +35,7 @@ from noiserefine.world.shapes16 import ALL_PROMPTS
 PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
 NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
 # The full bench takes 14.5-17 minutes on 2 shared CPU cores: rows not needed at 1,000 images
-# run on the first 500 or 300 (200 for the per-sample search methods) of the same prompts and seeds.
+# run on the first 300 (200 for the per-sample search methods) of the same prompts and seeds.
 REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3"  # + refined with --refiner
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n300,"
                 "gaussian@cfg3+n300,gaussian@cfg2.5+pag1.5+start0.6,gaussian@pag3+n300,gaussian@auto3,"
