@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,17 +18,13 @@ from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance, check_guide
-from noiserefine.io import atomic_write_bytes, ensure_out_dir
+from noiserefine.io import atomic_write_bytes, ensure_out_dir, shipped_path
 from noiserefine.methods.base import GaussianNoise, NoiseMethod, RefinedNoise
 from noiserefine.methods.refine import NoiseRefiner
 from noiserefine.sampling import to_uint8
 from noiserefine.targets import TargetSpec, generate_targets
 
 SHIPPED_REFINER = "shapes16-refiner.safetensors"
-
-
-def shipped_path(name: str) -> Path:
-    return Path(str(resources.files("noiserefine") / "weights" / name))
 
 
 def load_refiner(backbone: Backbone | None = None, path: str | Path | None = None,

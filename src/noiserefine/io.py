@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from noiserefine.errors import NoiseRefineError
+
+
+def shipped_path(name: str) -> Path:
+    """Path of a file shipped in the package's `weights/` folder."""
+    return Path(str(resources.files("noiserefine") / "weights" / name))
 
 
 def _tmp_path(path: Path) -> Path:

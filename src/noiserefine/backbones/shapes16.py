@@ -3,7 +3,6 @@ learned 3-token prompt embedding (DESIGN.md section 3). Decoding is the identity
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +13,7 @@ from torch import nn
 from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, attach_guide
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import load_tensors, read_json, save_tensors, state_hash, write_json
+from noiserefine.io import load_tensors, read_json, save_tensors, shipped_path, state_hash, write_json
 from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
 
 UNET_CONFIG: dict[str, Any] = {
@@ -100,7 +99,7 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         `path` is None), with the noise schedule their card (the `.json` beside them) records; a file
         without a card gets the default schedule."""
         if not path:
-            return attach_guide(cls.load(_shipped(DEFAULT_WEIGHTS), pag_layers), cls.load(_shipped(DEFAULT_GUIDE)))
+            return attach_guide(cls.load(shipped_path(DEFAULT_WEIGHTS), pag_layers), cls.load(shipped_path(DEFAULT_GUIDE)))
         path = Path(path)
         tensors = load_tensors(path)
         card = path.with_suffix(".json")
@@ -150,10 +149,6 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         if self._fingerprint is None:
             self._fingerprint = {"architecture": self.name, "weights_sha256": state_hash(self.denoiser)}
         return self._fingerprint
-
-
-def _shipped(name: str) -> Path:
-    return Path(str(resources.files("noiserefine") / "weights" / name))
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

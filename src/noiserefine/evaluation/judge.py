@@ -9,7 +9,6 @@ vector for the Frechet distance. Two architectures exist so that a method optimi
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import trange
 
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import ensure_out_dir, load_tensors, save_tensors, write_json
+from noiserefine.io import ensure_out_dir, load_tensors, save_tensors, shipped_path, write_json
 from noiserefine.world.shapes16 import (
     COLORS, IMAGE_SIZE, POSITIONS, SHAPES, Prompt, parse_prompt, random_prompts, render,
 )
@@ -202,7 +201,7 @@ def load_judge(kind: str = "primary", path: Path | None = None) -> Judge:
     mode with frozen weights; gradients still flow to the input images."""
     _check_kind(kind)
     if path is None:
-        path = Path(str(resources.files("noiserefine") / "weights" / f"judge-{kind}.safetensors"))
+        path = shipped_path(f"judge-{kind}.safetensors")
     judge = Judge(kind)
     try:
         judge.load_state_dict(load_tensors(Path(path)))

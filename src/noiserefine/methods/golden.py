@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,7 +45,7 @@ from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_ch
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance, guided_prediction
 from noiserefine.inversion import to_eps_x0
-from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, write_json
+from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, shipped_path, write_json
 from noiserefine.methods.search import SearchSampling, sample_and_score
 from noiserefine.sampling import check_noise, make_scheduler, noise_for_seeds
 from noiserefine.targets import Scorer
@@ -351,7 +350,7 @@ class NPNet(nn.Module):
     def load(cls, backbone: Backbone, path: str | Path | None = None, force: bool = False) -> "NPNet":
         """Load an NPNet for `backbone` (the shipped shapes16 one when `path` is None). One fitted to
         another base model is refused unless `force=True`."""
-        path = Path(path) if path else Path(str(resources.files("noiserefine") / "weights" / SHIPPED_WEIGHTS))
+        path = Path(path) if path else shipped_path(SHIPPED_WEIGHTS)
         meta = read_json(path.with_suffix(".json"))
         if meta.get("format") != FORMAT:
             raise NoiseRefineError(f"{path.with_suffix('.json')} is not an NPNet config")
