@@ -25,7 +25,7 @@ def guided_pair():
     """A tiny shapes16 backbone with a differently seeded tiny guide, and inputs at one timestep."""
     bb = attach_guide(Shapes16Backbone.create(0), Shapes16Backbone.create(1))
     x = noise_for_seeds([1, 2], bb.latent_shape)
-    return bb, x, torch.tensor(500), conditioning(bb, PROMPTS), bb.encode_prompts(["", ""])
+    return bb, x, torch.tensor(500), conditioning(bb, PROMPTS, Guidance(auto=2.0)), bb.encode_prompts(["", ""])
 
 
 def test_matches_diffusers_autoguidance(guided_pair):
@@ -56,10 +56,16 @@ def test_sums_with_cfg_and_pag(guided_pair):
 def test_identical_guide_changes_nothing():
     """g = c when the guide is the model itself, so (a - 1)(c - g) = 0 at every step."""
     bb = attach_guide(Shapes16Backbone.create(0), Shapes16Backbone.create(0))
-    x_T, cond = noise_for_seeds([3, 4], bb.latent_shape), conditioning(bb, PROMPTS)
+    x_T, cond = noise_for_seeds([3, 4], bb.latent_shape), conditioning(bb, PROMPTS, Guidance(auto=4.0))
     runs = [denoise(bb, make_scheduler("ddim", bb.scheduler_config), x_T, cond, steps=4, guidance=Guidance(auto=a))
             for a in (1.0, 4.0)]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5)
+
+
+def test_guide_is_encoded_only_for_autoguidance(guided_pair):
+    bb = guided_pair[0]
+    assert set(conditioning(bb, PROMPTS, Guidance(cfg=2.0))) == {"encoder_hidden_states"}
+    assert set(conditioning(bb, PROMPTS, Guidance(auto=2.0))) == {"encoder_hidden_states", "guide.encoder_hidden_states"}
 
 
 def test_model_evaluations_names_and_rows():
@@ -120,7 +126,8 @@ def test_stable_diffusion_backbone_takes_a_guide():
     attach_guide(bb, StableDiffusionBackbone.from_pipeline(weak))
     x, t, prompts = noise_for_seeds([5], bb.latent_shape), torch.tensor(700), ["a photo of a cat"]
     with torch.no_grad():
-        got = guided_prediction(bb, x, t, conditioning(bb, prompts), bb.encode_prompts([""]), Guidance(cfg=3.0, auto=2.0))
+        guidance = Guidance(cfg=3.0, auto=2.0)
+        got = guided_prediction(bb, x, t, conditioning(bb, prompts, guidance), bb.encode_prompts([""]), guidance)
         cfg = guided_prediction(bb, x, t, bb.encode_prompts(prompts), bb.encode_prompts([""]), Guidance(cfg=3.0))
         good, bad = bb.predict(x, t, bb.encode_prompts(prompts)), bb.guide.predict(x, t, bb.guide.encode_prompts(prompts))
     torch.testing.assert_close(got, cfg + (good - bad), rtol=0, atol=1e-5)

@@ -42,7 +42,7 @@ def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence
 def sample_from_noise(backbone: Backbone, x_T: torch.Tensor, prompts: Sequence[str],
                       options: SamplingOptions) -> torch.Tensor:
     """Latents x_0 from given initial noise (unguided or guided)."""
-    cond = conditioning(backbone, prompts)
+    cond = conditioning(backbone, prompts, options.guidance)
     uncond = backbone.encode_prompts([""] * len(prompts)) if options.guidance.uses_uncond else None
     sched = make_scheduler(options.scheduler, backbone.scheduler_config)
     return denoise(backbone, sched, x_T, cond, uncond=uncond, guidance=options.guidance, steps=options.steps)

@@ -107,13 +107,13 @@ class Guidance:
 UNGUIDED = Guidance()
 
 
-def conditioning(backbone: Backbone, prompts: Sequence[str]) -> Cond:
-    """`backbone.encode_prompts(prompts)`, plus the guide model's own conditioning of the same
-    prompts under `guide.` keys when the backbone has a guide (autoguidance needs both)."""
+def conditioning(backbone: Backbone, prompts: Sequence[str], guidance: Guidance) -> Cond:
+    """`backbone.encode_prompts(prompts)`, plus, when `guidance` uses autoguidance, the guide
+    model's own conditioning of the same prompts under `guide.` keys."""
     cond = backbone.encode_prompts(prompts)
-    guide = getattr(backbone, "guide", None)
-    if guide is not None:
-        cond |= {GUIDE_PREFIX + k: v for k, v in guide.encode_prompts(prompts).items()}
+    if guidance.uses_auto:
+        check_guide(backbone, guidance)
+        cond |= {GUIDE_PREFIX + k: v for k, v in backbone.guide.encode_prompts(prompts).items()}
     return cond
 
 
@@ -162,6 +162,6 @@ def _guide_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, guid
     """The guide model's conditional prediction at (x, t), in the backbone's dtype."""
     if not guide_cond:
         raise NoiseRefineError("autoguidance needs the guide's conditioning: encode prompts with "
-                               "noiserefine.guidance.conditioning(backbone, prompts)")
+                               "noiserefine.guidance.conditioning(backbone, prompts, guidance)")
     guide = backbone.guide
     return guide.predict(x.to(guide.dtype), t, guide_cond).to(x.dtype)

@@ -70,7 +70,7 @@ def sample_and_score(backbone: Backbone, scorer: Scorer, z: torch.Tensor, cond: 
 @torch.no_grad()
 def encode(backbone: Backbone, prompts: Sequence[str], sampling: SearchSampling) -> tuple[Cond, Cond | None]:
     """Conditioning of `prompts` and, when CFG is on, of the empty prompt (constants of the search)."""
-    cond = conditioning(backbone, list(prompts))
+    cond = conditioning(backbone, list(prompts), sampling.guidance)
     uncond = backbone.encode_prompts([""] * len(prompts)) if sampling.guidance.uses_uncond else None
     return cond, uncond
 
