@@ -6,7 +6,7 @@ import torch
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.methods import registry
-from noiserefine.methods.base import NoiseMethod
+from noiserefine.generation import NoiseMethod
 from noiserefine.methods.search import BestOfN, Candidates, SearchSampling, best_of_n, sample_and_score
 from noiserefine.sampling import noise_for_seeds
 

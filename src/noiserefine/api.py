@@ -16,11 +16,10 @@ from PIL import Image
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
-from noiserefine.generation import SamplingOptions, generate_latents
+from noiserefine.generation import GaussianNoise, NoiseMethod, SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance, check_guide
 from noiserefine.io import atomic_write_bytes, ensure_out_dir, shipped_path
-from noiserefine.methods.base import GaussianNoise, NoiseMethod, RefinedNoise
-from noiserefine.methods.refine import NoiseRefiner
+from noiserefine.methods.refine import NoiseRefiner, RefinedNoise
 from noiserefine.sampling import to_uint8
 from noiserefine.targets import TargetSpec, generate_targets
 

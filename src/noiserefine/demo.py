@@ -14,7 +14,7 @@ from noiserefine.evaluation.bench import run_bench
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance
 from noiserefine.io import ensure_out_dir
-from noiserefine.methods.base import RefinedNoise
+from noiserefine.methods.refine import RefinedNoise
 from noiserefine.sampling import to_uint8
 from noiserefine.world import ALL_PROMPTS
 

@@ -32,10 +32,9 @@ import torch
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import adapter_class
 from noiserefine.errors import NoiseRefineError
-from noiserefine.generation import SamplingOptions, generate_latents
+from noiserefine.generation import GaussianNoise, SamplingOptions, generate_latents
 from noiserefine.guidance import UNGUIDED, Guidance
-from noiserefine.methods.base import GaussianNoise, RefinedNoise
-from noiserefine.methods.refine import NoiseRefiner
+from noiserefine.methods.refine import NoiseRefiner, RefinedNoise
 from noiserefine.sampling import noise_for_seeds
 
 

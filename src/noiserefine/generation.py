@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.guidance import UNGUIDED, Guidance, conditioning
-from noiserefine.methods.base import GaussianNoise, NoiseMethod
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
+
+
+@runtime_checkable
+class NoiseMethod(Protocol):
+    """A way to choose the initial noise: Gaussian x_T in, (better) initial noise out, same shape.
+    `extra_nfe` is its cost in denoiser evaluations per image, on top of sampling (NoiseRefine: 1;
+    Gaussian: 0; search methods report their own)."""
+
+    name: str
+    extra_nfe: float
+
+    def __call__(self, x_T: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+class GaussianNoise:
+    """The baseline: the Gaussian noise itself."""
+
+    name = "gaussian"
+    extra_nfe = 0.0
+
+    def __call__(self, x_T: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return x_T
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,9 +23,7 @@ from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance
 from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, write_json
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
-
-Scorer = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
-"""(decoded images in [-1, 1], prompts) -> (B,) score, higher is better."""
+from noiserefine.scoring import Scorer
 
 
 @dataclass

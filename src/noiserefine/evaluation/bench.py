@@ -28,7 +28,7 @@ from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance, check_guide
 from noiserefine.io import ensure_out_dir, write_json
-from noiserefine.methods.base import NoiseMethod
+from noiserefine.generation import NoiseMethod
 from noiserefine.sampling import as_saved
 from noiserefine.world.shapes16 import ALL_PROMPTS
 
@@ -166,7 +166,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     (default: the shapes16 prompts, which any text-to-image model can read).
     """
     from noiserefine.api import build_method, load_refiner
-    from noiserefine.methods.base import RefinedNoise
+    from noiserefine.methods.refine import RefinedNoise
 
     out = ensure_out_dir(out)
     specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]

@@ -48,7 +48,7 @@ from noiserefine.inversion import to_eps_x0
 from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, shipped_path, write_json
 from noiserefine.methods.search import SearchSampling, sample_and_score
 from noiserefine.sampling import check_noise, make_scheduler, noise_for_seeds
-from noiserefine.targets import Scorer
+from noiserefine.scoring import Scorer
 
 FORMAT = "noiserefine-npnet/1"
 SHIPPED_WEIGHTS = "shapes16-npnet.safetensors"

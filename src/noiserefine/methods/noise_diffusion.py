@@ -30,7 +30,7 @@ from noiserefine.errors import NoiseRefineError
 from noiserefine.methods.search import (Candidates, SearchResult, SearchSampling, SearchStats, encode,
                                         sample_and_score, take)
 from noiserefine.sampling import check_noise
-from noiserefine.targets import Scorer
+from noiserefine.scoring import Scorer
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,23 @@ class NoiseRefiner(nn.Module):
         return refiner
 
 
+class RefinedNoise:
+    """NoiseRefine as a noise method: x_hat_T = x_T + s * delta_phi(x_T, c), one denoiser evaluation."""
+
+    name = "refined"
+    extra_nfe = 1.0
+
+    def __init__(self, refiner: NoiseRefiner, strength: float = 1.0, guidance_scale: float | None = None) -> None:
+        self.refiner = refiner
+        self.strength = strength
+        self.guidance_scale = guidance_scale
+
+    @torch.no_grad()
+    def __call__(self, x_T: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        cond = self.refiner.backbone.encode_prompts(prompts)
+        return self.refiner(x_T, cond, strength=self.strength, guidance_scale=self.guidance_scale)
+
+
 def sinusoidal_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of a scalar per sample (as timestep embeddings), (B,) -> (B, dim)."""
     half = dim // 2

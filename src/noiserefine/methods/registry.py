@@ -17,11 +17,11 @@ from typing import Callable
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance
-from noiserefine.methods.base import NoiseMethod
+from noiserefine.generation import NoiseMethod
 from noiserefine.methods.golden import NPNet, GoldenNoise
 from noiserefine.methods.noise_diffusion import NoiseDiffusion, NoiseDiffusionConfig
 from noiserefine.methods.search import BestOfN, SearchSampling
-from noiserefine.targets import Scorer
+from noiserefine.scoring import Scorer
 
 
 def golden(backbone: Backbone, path: str | Path | None = None, force: bool = False) -> GoldenNoise:

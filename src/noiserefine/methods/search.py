@@ -19,7 +19,7 @@ from noiserefine.backbones.base import Backbone, Cond
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import UNGUIDED, Guidance, conditioning
 from noiserefine.sampling import GradMode, check_noise, denoise, make_scheduler
-from noiserefine.targets import Scorer
+from noiserefine.scoring import Scorer
 
 
 @dataclass(frozen=True)
