@@ -17,10 +17,11 @@ import argparse
 import numpy as np
 import torch
 
-from noiserefine.api import build_method
+from noiserefine.api import method_context
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.evaluation.bench import bench_setup, parse_row
 from noiserefine.evaluation.judge import load_judges
+from noiserefine.methods import registry
 from noiserefine.evaluation.metrics import frechet_distance, judge_features, reference_features
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.sampling import as_saved
@@ -63,7 +64,9 @@ def main() -> None:
     report("real renders", real)
     for row in map(parse_row, args.settings):
         options = SamplingOptions(row.guidance, row.steps, "ddim", 250)
-        latents = generate_latents(backbone, prompts, setup.seeds[:args.n], build_method(row.method, backbone), options)
+        latents = generate_latents(backbone, prompts, setup.seeds[:args.n],
+                                   registry.build(row.method, method_context(backbone, options), **dict(row.options)),
+                                   options)
         report(row.label, as_saved(backbone.decode(latents)))
 
 

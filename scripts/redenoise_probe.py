@@ -19,12 +19,12 @@ import argparse
 
 import torch
 
-from noiserefine.api import build_method
+from noiserefine.methods.registry import MethodContext, build
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.evaluation.judge import load_judges
 from noiserefine.evaluation.metrics import score_images
 from noiserefine.guidance import Guidance, guided_prediction
-from noiserefine.methods.golden import redenoise
+from noiserefine.npnet_pairs import redenoise
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
 from noiserefine.world import ALL_PROMPTS
 
@@ -60,7 +60,7 @@ def main(model: str | None = None, n: int = 480, first_seed: int = 3_000_000) ->
     delta = targets[SETTINGS[0]] - x_T  # the setting the shipped NPNet's pairs were collected with
     deltas = {"re-denoise delta": delta}
     if model is None:
-        deltas["NPNet delta"] = build_method("golden", backbone)(x_T, prompts) - x_T
+        deltas["NPNet delta"] = build("golden", MethodContext(backbone))(x_T, prompts) - x_T
     for name, d in deltas.items():
         print(f"{name}: rms {d.pow(2).mean().sqrt():.4f}, per-prompt constant "
               f"{per_prompt_mean(d, prompt_ids).pow(2).sum() / d.pow(2).sum():.0%} of its energy", flush=True)

@@ -8,13 +8,21 @@ import pytest
 
 from noiserefine.errors import NoiseRefineError
 from noiserefine.evaluation.bench import parse_row, run_bench
+from noiserefine.guidance import Guidance
 
 
 def test_row_grammar():
-    spec = parse_row("gaussian@cfg2+pag3+steps5+n100")
-    assert (spec.method, spec.cfg, spec.pag, spec.steps, spec.n) == ("gaussian", 2.0, 3.0, 5, 100)
+    spec = parse_row("gaussian@cfg2+pag3+auto2+start0.4+stop0.9+steps5+n100")
+    assert (spec.method, spec.guidance, spec.steps, spec.n) == (
+        "gaussian", Guidance(cfg=2.0, pag=3.0, start=0.4, stop=0.9, auto=2.0), 5, 100)
+    assert parse_row("refined@strength0.5+w3").options == (("strength", 0.5), ("teacher_scale", 3.0))
+    assert parse_row("best-of-n@budget8").options == (("budget", 8),)
     with pytest.raises(NoiseRefineError, match="bad bench row option"):
         parse_row("gaussian@speed9")
+    with pytest.raises(NoiseRefineError, match="bad bench row option"):
+        parse_row("gaussian@strength0.5")  # an option of another method
+    with pytest.raises(NoiseRefineError, match="unknown noise method"):
+        parse_row("golden-retriever")
 
 
 def test_bench_runs_refined_rows_beside_their_teacher(tmp_path):

@@ -18,6 +18,7 @@ from noiserefine.diffusers_integration import (
 )
 from noiserefine.errors import NoiseRefineError
 from noiserefine.evaluation.scorers import AestheticScorer, CLIPScorer, aesthetic_mlp, load_scorer
+from noiserefine.guidance import Guidance, Teacher
 from noiserefine.io import save_tensors
 from noiserefine.methods.refine import NoiseRefiner, RefinerConfig
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
@@ -158,7 +159,7 @@ def test_aesthetic_predictor_and_target_filtering(clip_folder, tmp_path):
 
     # As the target score (the paper's top-N by aesthetic score, D.2.1).
     backbone = backbone_from_pipeline(make_tiny_sd_pipe(), resolution=32)
-    spec = TargetSpec(prompts=PROMPTS, seeds=[0, 1, 2], cfg=[3.0], steps=2, score="aesthetic")
+    spec = TargetSpec(PROMPTS, [0, 1, 2], Teacher(Guidance(cfg=3.0), steps=2), score="aesthetic")
     generate_targets(backbone, spec, tmp_path / "targets", scorer=scorer, progress=False)
     data = load_targets(tmp_path / "targets", keep_fraction=2 / 3)
     with torch.no_grad():

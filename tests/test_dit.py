@@ -20,7 +20,7 @@ from noiserefine.backbones.dit import DiTBackbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.backbones.pag import MaskedIdentitySelfAttnProcessor
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import Guidance, guided_prediction
+from noiserefine.guidance import Guidance, Teacher, guided_prediction
 from noiserefine.methods.refine import NoiseRefiner, RefinerConfig
 from noiserefine.sampling import denoise, make_scheduler
 from noiserefine.targets import TargetSpec, generate_targets, load_targets
@@ -156,7 +156,7 @@ def test_protocol_and_loading(tmp_path, backbone):
 # -- NoiseRefine end to end ---------------------------------------------------------------------
 def test_targets_train_two_steps_and_refined_sample(tmp_path):
     backbone = DiTBackbone.from_pipeline(make_tiny_dit_pipe())
-    spec = TargetSpec(prompts=["1", "2", "goldfish"], seeds=[0, 1, 2, 3], cfg=[4.0], steps=3, shard_size=2)
+    spec = TargetSpec(["1", "2", "goldfish"], [0, 1, 2, 3], Teacher(Guidance(cfg=4.0), steps=3), shard_size=2)
     generate_targets(backbone, spec, tmp_path / "targets", batch_size=4, progress=False)
     data = load_targets(tmp_path / "targets")
     assert data.x_0.shape == (4, 4, 8, 8)

@@ -73,9 +73,9 @@ def test_manifest_line_that_is_not_json(tmp_path):
 def test_manifest_row_missing_a_field(tmp_path):
     folder = _make_folder(tmp_path)
     rows = _rows(folder)
-    del rows[4]["cfg"]
+    del rows[4]["steps"]
     _write_manifest(folder, rows)
-    with pytest.raises(NoiseRefineError, match=r"line 5 lacks field\(s\) \['cfg'\]"):
+    with pytest.raises(NoiseRefineError, match=r"line 5 lacks field\(s\) \['steps'\]"):
         evaluate_folder(folder)
 
 

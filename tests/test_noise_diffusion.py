@@ -6,13 +6,20 @@ import torch
 
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
-from noiserefine.methods.noise_diffusion import (NoiseDiffusion, NoiseDiffusionConfig, adaptive_step,
-                                                 distribution_preserving_update, optimize_noise, select_candidate)
-from noiserefine.methods.search import SearchSampling, sample_and_score
+from noiserefine.generation import SamplingOptions
+from noiserefine.methods.noise_diffusion import (
+    NoiseDiffusion,
+    NoiseDiffusionConfig,
+    adaptive_step,
+    distribution_preserving_update,
+    optimize_noise,
+    select_candidate,
+)
+from noiserefine.methods.search import sample_and_score
 from noiserefine.sampling import noise_for_seeds
 
 PROMPTS = ["a red circle on the left", "a blue square on the top", "a green triangle on the right"]
-FAST = SearchSampling(steps=2)
+FAST = SamplingOptions(steps=2)
 
 
 @pytest.fixture(scope="module")

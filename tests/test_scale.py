@@ -60,10 +60,12 @@ def _bf16_sd_backbone():
 
 @pytest.fixture(scope="module")
 def bf16_targets(tmp_path_factory):
+    from noiserefine.guidance import Guidance, Teacher
     from noiserefine.targets import TargetSpec, generate_targets
 
     out = tmp_path_factory.mktemp("bf16") / "targets"
-    spec = TargetSpec(prompts=["a red circle", "a blue square"], seeds=[0, 1, 2, 3], cfg=[5.0], steps=2, shard_size=4)
+    spec = TargetSpec(["a red circle", "a blue square"], [0, 1, 2, 3], Teacher(Guidance(cfg=5.0), steps=2),
+                      shard_size=4)
     generate_targets(_bf16_sd_backbone(), spec, out, batch_size=4, progress=False)
     return out
 

@@ -16,7 +16,7 @@ from noiserefine.backbones.loading import load_backbone
 from noiserefine.backbones.sdxl import StableDiffusionXLBackbone
 from noiserefine.backbones.stable_diffusion import StableDiffusionBackbone
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import Guidance
+from noiserefine.guidance import Guidance, Teacher
 from noiserefine.methods.refine import NoiseRefiner
 from noiserefine.sampling import denoise, make_scheduler
 from noiserefine.targets import TargetSpec, generate_targets, load_targets
@@ -127,7 +127,7 @@ def test_protocol_errors_and_loading(tmp_path, backbone):
 # -- NoiseRefine end to end ---------------------------------------------------------------------
 def test_targets_train_two_steps_and_refined_sample(tmp_path):
     backbone = StableDiffusionXLBackbone.from_pipeline(make_tiny_sdxl_pipe(), resolution=RESOLUTION)
-    spec = TargetSpec(prompts=PROMPTS, seeds=[0, 1, 2, 3], cfg=[7.0], pag=3.0, steps=2, shard_size=2)
+    spec = TargetSpec(PROMPTS, [0, 1, 2, 3], Teacher(Guidance(cfg=7.0, pag=3.0), steps=2), shard_size=2)
     generate_targets(backbone, spec, tmp_path / "targets", batch_size=4, progress=False)
     data = load_targets(tmp_path / "targets")
     assert data.x_0.shape == (4, *backbone.latent_shape) and data.prompts[:2] == PROMPTS

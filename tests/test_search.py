@@ -1,17 +1,23 @@
 """Best-of-N random search and the method registry, on a tiny untrained shapes16 model."""
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.evaluation.scorers import load_scorer
+from noiserefine.generation import NoiseMethod, SamplingOptions
+from noiserefine.guidance import Guidance
 from noiserefine.methods import registry
-from noiserefine.generation import NoiseMethod
-from noiserefine.methods.search import BestOfN, Candidates, SearchSampling, best_of_n, sample_and_score
+from noiserefine.methods.registry import MethodContext
+from noiserefine.methods.search import BestOfN, Candidates, best_of_n, sample_and_score
 from noiserefine.sampling import noise_for_seeds
 
 PROMPTS = ["a red circle on the left", "a blue square on the top", "a yellow triangle on the bottom"]
-FAST = SearchSampling(steps=2)
+FAST = SamplingOptions(steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +61,26 @@ def test_candidates_depend_on_the_noise_not_the_batch():
 
 
 def test_registry_builds_search_methods_and_refuses_bad_options(backbone):
-    method = registry.build("best-of-n", backbone, budget=2, steps=2)
-    assert method.name == "best-of-n" and method.n == 2
-    nd = registry.build("noise-diffusion", backbone, rounds=2, cfg=2.0, steps=3)
+    judge = load_scorer("judge")
+    ctx = MethodContext(backbone, SamplingOptions(steps=2), judge)
+    method = registry.build("best-of-n", ctx, budget=2)
+    assert method.name == "best-of-n" and method.n == 2 and method.sampling.nfe == 2
+    nd = registry.build("noise-diffusion", replace(ctx, sampling=SamplingOptions(Guidance(cfg=2.0), 3)), rounds=2)
     assert nd.config.rounds == 2 and nd.sampling.guidance.cfg == 2.0 and nd.sampling.nfe == 6
     with pytest.raises(NoiseRefineError, match="no option"):
-        registry.build("best-of-n", backbone, rounds=3)
+        registry.build("best-of-n", ctx, rounds=3)
     with pytest.raises(NoiseRefineError, match="unknown noise method"):
-        registry.build("golden-retriever", backbone)
+        registry.build("golden-retriever", ctx)
+    with pytest.raises(NoiseRefineError, match="searches under a scorer"):
+        registry.build("best-of-n", MethodContext(backbone))
+    with pytest.raises(NoiseRefineError, match="loads no weights"):
+        registry.check_weights("gaussian", Path("refiner.safetensors"))
+
+
+def test_every_search_method_samples_candidates_with_the_callers_options(backbone):
+    """No list of search methods to keep up to date: every entry that searches gets ctx.sampling."""
+    sampling = SamplingOptions(Guidance(cfg=2.0, start=0.5), steps=3)
+    ctx = MethodContext(backbone, sampling, load_scorer("judge"))
+    searchers = [name for name, e in registry.METHODS.items() if e.searches]
+    assert searchers == ["noise-diffusion", "best-of-n"]
+    assert all(registry.build(name, ctx).sampling == sampling for name in searchers)

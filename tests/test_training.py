@@ -10,29 +10,36 @@ import torch
 
 from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.guidance import Guidance, Teacher
 from noiserefine.io import load_tensors
 from noiserefine.targets import TargetSpec, generate_targets, load_targets
 from noiserefine.train import TrainConfig, train_refiner
 from noiserefine.world import ALL_PROMPTS
 
-SPEC = dict(prompts=list(ALL_PROMPTS[:3]), seeds=list(range(7)), cfg=[3.0], pag=1.0, steps=2, shard_size=3)
+PROMPTS = list(ALL_PROMPTS[:3])
+
+
+def spec(seeds=range(7), **guidance) -> TargetSpec:
+    """The tests' target spec: teacher CFG 3 + PAG 1 in 2 steps (guidance fields overridable)."""
+    teacher = Teacher(Guidance(**({"cfg": 3.0, "pag": 1.0} | guidance)), steps=2)
+    return TargetSpec(PROMPTS, list(seeds), teacher, shard_size=3)
 
 
 @pytest.fixture(scope="module")
 def targets_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("t") / "targets"
-    generate_targets(Shapes16Backbone.create(0), TargetSpec(**SPEC), out, progress=False)
+    generate_targets(Shapes16Backbone.create(0), spec(), out, progress=False)
     return out
 
 
 def test_targets_resume_after_a_kill_matches_one_run(targets_dir, tmp_path):
     out = tmp_path / "targets"
     bb = Shapes16Backbone.create(0)
-    generate_targets(bb, TargetSpec(**SPEC), out, shard_ids=[1], progress=False)  # "killed" after shard 1
+    generate_targets(bb, spec(), out, shard_ids=[1], progress=False)  # "killed" after shard 1
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.safetensors"]
     (out / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")  # a write cut by the kill
     mtime = (out / "shard-00001.safetensors").stat().st_mtime_ns
-    generate_targets(bb, TargetSpec(**SPEC), out, progress=False)
+    generate_targets(bb, spec(), out, progress=False)
     assert (out / "shard-00001.safetensors").stat().st_mtime_ns == mtime  # not redone
     for k in range(3):
         a = load_tensors(out / f"shard-{k:05d}.safetensors")
@@ -43,12 +50,12 @@ def test_targets_resume_after_a_kill_matches_one_run(targets_dir, tmp_path):
 
 def test_targets_folder_refuses_another_spec(targets_dir):
     with pytest.raises(NoiseRefineError, match="another spec"):
-        generate_targets(Shapes16Backbone.create(0), TargetSpec(**{**SPEC, "pag": 2.0}), targets_dir, progress=False)
+        generate_targets(Shapes16Backbone.create(0), spec(pag=2.0), targets_dir, progress=False)
 
 
 def test_targets_are_guided_samples_of_their_noise(targets_dir):
     data = load_targets(targets_dir)
-    assert len(data) == 7 and data.prompts[:4] == [*SPEC["prompts"], SPEC["prompts"][0]]
+    assert len(data) == 7 and data.prompts[:4] == [*PROMPTS, PROMPTS[0]]
     assert not torch.equal(data.x_0, data.x_T)
 
 
@@ -134,11 +141,11 @@ def test_resume_with_another_architecture_is_a_clear_error(targets_dir, tmp_path
 def test_several_target_folders_of_one_teacher(targets_dir, tmp_path):
     bb = Shapes16Backbone.create(0)
     more = tmp_path / "more"
-    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [7, 8]}), more, progress=False)
+    generate_targets(bb, spec([7, 8]), more, progress=False)
     data = load_targets([targets_dir, more])
-    assert len(data) == 9 and data.prompts[7:] == SPEC["prompts"][:2]
+    assert len(data) == 9 and data.prompts[7:] == PROMPTS[:2]
     other = tmp_path / "other"
-    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [7], "pag": 2.0}), other, progress=False)
+    generate_targets(bb, spec([7], pag=2.0), other, progress=False)
     with pytest.raises(NoiseRefineError, match="another base model or teacher"):
         load_targets([targets_dir, other])
 
@@ -146,7 +153,7 @@ def test_several_target_folders_of_one_teacher(targets_dir, tmp_path):
 def test_interval_teacher_is_recorded_and_checked(targets_dir, tmp_path):
     bb = Shapes16Backbone.create(0)
     out = tmp_path / "interval"
-    generate_targets(bb, TargetSpec(**{**SPEC, "seeds": [0, 1, 2], "guidance_start": 0.5}), out, progress=False)
+    generate_targets(bb, spec([0, 1, 2], start=0.5), out, progress=False)
     assert not torch.allclose(load_targets(out).x_0, load_targets(targets_dir).x_0[:3])  # another teacher
     with pytest.raises(NoiseRefineError, match="another base model or teacher"):
         load_targets([targets_dir, out])
@@ -158,9 +165,9 @@ def test_interval_teacher_is_recorded_and_checked(targets_dir, tmp_path):
 def test_folder_from_before_guidance_intervals_still_resumes(targets_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(targets_dir, old)
-    record = json.loads((old / "manifest.json").read_text())
-    for key in ("guidance_start", "guidance_stop"):
-        record["spec"].pop(key)
+    record = json.loads((old / "manifest.json").read_text())  # the flat spec written before intervals
+    record["spec"] = {"prompts": PROMPTS, "seeds": list(range(7)), "cfg": [3.0], "pag": 1.0, "steps": 2,
+                      "scheduler": "ddim", "shard_size": 3, "score": "none"}
     (old / "manifest.json").write_text(json.dumps(record))
-    generate_targets(Shapes16Backbone.create(0), TargetSpec(**SPEC), old, progress=False)  # no "another spec"
+    generate_targets(Shapes16Backbone.create(0), spec(), old, progress=False)  # no "another spec"
     assert len(load_targets([targets_dir, old])) == 14  # and it counts as the same teacher

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
+from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import UNGUIDED, Guidance, conditioning
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
 
@@ -35,12 +36,26 @@ class GaussianNoise:
         return x_T
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingOptions:
+    """How initial noise becomes an image: guidance, sampler steps and scheduler (and the batch
+    size of `generate_latents`). Search methods sample the candidates they score with these, so
+    give them the options you sample with."""
+
     guidance: Guidance = UNGUIDED
     steps: int = 20
     scheduler: str = "ddim"
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise NoiseRefineError(f"sampling needs steps >= 1 and a batch size >= 1, got steps={self.steps}, "
+                                   f"batch size {self.batch_size}")
+
+    @property
+    def nfe(self) -> int:
+        """Denoiser evaluations per image for one sample."""
+        return self.guidance.nfe(self.steps)
 
 
 def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int],
@@ -48,7 +63,7 @@ def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence
                      progress: bool = False) -> torch.Tensor:
     """One sample per (prompt, seed) pair, in order; the noise of pair i comes from seeds[i]."""
     if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        raise NoiseRefineError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     method = method or GaussianNoise()
     out = []
     for lo in tqdm(range(0, len(prompts), options.batch_size), disable=not progress, desc=method.name):

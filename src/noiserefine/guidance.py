@@ -22,8 +22,9 @@ other steps evaluate the conditional branch alone (one model evaluation).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+import re
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -34,23 +35,72 @@ GUIDE_PREFIX = "guide."
 """Conditioning keys of the guide model inside a backbone's conditioning (see `conditioning`)."""
 
 
+def _option(flag: str, token: str, record: str, help: str) -> dict[str, str]:
+    """Field metadata: how one guidance scalar is spelled on the command line (`flag`), in a bench
+    row (`token`, e.g. `cfg2`) and in manifests and cards (`record`)."""
+    return {"flag": flag, "token": token, "record": record, "help": help}
+
+
 @dataclass(frozen=True)
 class Guidance:
     """A guidance spec. `cfg=1, pag=0, auto=1` is unguided sampling (one model evaluation per step);
-    `start`/`stop` (fractions of the sampler steps) limit guidance to an interval."""
+    `start`/`stop` (fractions of the sampler steps) limit guidance to an interval.
 
-    cfg: float = 1.0
-    pag: float = 0.0
-    start: float = 0.0
-    stop: float = 1.0
-    auto: float = 1.0
+    Each field is declared once, here: the CLI flags (`noiserefine.cli`), bench-row tokens
+    (`parse_token`) and manifest records (`to_record` / `from_record`) are all read off the
+    fields' metadata, so a new guidance option is one field plus its term in `guided_prediction`.
+    """
+
+    cfg: float = field(default=1.0, metadata=_option("--cfg", "cfg", "cfg", "CFG scale w (1 = off)"))
+    pag: float = field(default=0.0, metadata=_option("--pag", "pag", "pag", "PAG scale s (0 = off)"))
+    start: float = field(default=0.0, metadata=_option(
+        "--guidance-start", "start", "guidance_start", "guide only steps from this fraction of the run on"))
+    stop: float = field(default=1.0, metadata=_option(
+        "--guidance-stop", "stop", "guidance_stop", "guide only steps before this fraction of the run"))
+    auto: float = field(default=1.0, metadata=_option(
+        "--auto", "auto", "auto", "autoguidance scale a (1 = off; uses the backbone's guide model)"))
 
     def __post_init__(self) -> None:
         scales = (self.cfg, self.pag, self.start, self.stop, self.auto)
-        if not all(math.isfinite(v) for v in scales) or self.pag < 0 or self.auto < 1:
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scales) or self.pag < 0 or self.auto < 1:
             raise NoiseRefineError(f"guidance scales must be finite, pag >= 0 and auto >= 1, got {self}")
         if not 0.0 <= self.start < self.stop <= 1.0:
             raise NoiseRefineError(f"guidance interval needs 0 <= start < stop <= 1, got {self.start}, {self.stop}")
+
+    # -- one spelling per place, read off the fields ---------------------------------------------
+    @staticmethod
+    def options() -> tuple[Field, ...]:
+        """The guidance fields with their metadata (flag, token, record, help)."""
+        return fields(Guidance)
+
+    def tokens(self) -> list[str]:
+        """Bench-row tokens of the fields that differ from unguided sampling (e.g. ['cfg2', 'start0.6'])."""
+        return [f"{f.metadata['token']}{getattr(self, f.name):g}" for f in fields(self)
+                if getattr(self, f.name) != f.default]
+
+    def to_record(self) -> dict[str, float]:
+        """{record name: value} for manifests, cards and bench.json (e.g. `guidance_start`)."""
+        return {f.metadata["record"]: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Guidance":
+        """The guidance of a record written by `to_record` (absent keys: the defaults, so records
+        written before an option existed read as they were made). Extra keys are ignored."""
+        return cls(**{f.name: float(record[f.metadata["record"]]) for f in fields(cls)
+                      if f.metadata["record"] in record})
+
+    @classmethod
+    def parse_token(cls, token: str) -> tuple[str, float] | None:
+        """(field name, value) of a bench-row token such as `cfg2` or `start0.4`; None if `token` is
+        no guidance token."""
+        for f in fields(cls):
+            m = re.fullmatch(re.escape(f.metadata["token"]) + r"([0-9.]+)", token)
+            if m:
+                try:
+                    return f.name, float(m.group(1))
+                except ValueError:
+                    raise NoiseRefineError(f"bad number in row option {token!r}") from None
+        return None
 
     @property
     def is_guided(self) -> bool:
@@ -68,12 +118,6 @@ class Guidance:
     def at_step(self, step: int, num_steps: int) -> "Guidance":
         """The guidance that step `step` of `num_steps` uses: this one, or unguided outside the interval."""
         return self if self.active(step, num_steps) else UNGUIDED
-
-    @classmethod
-    def of_teacher(cls, teacher: dict) -> "Guidance":
-        """The guidance of a refiner's teacher record (its first CFG scale; older records have no interval)."""
-        return cls(float(teacher["cfg"][0]), float(teacher["pag"]), float(teacher.get("guidance_start", 0.0)),
-                   float(teacher.get("guidance_stop", 1.0)))
 
     def nfe(self, num_steps: int) -> int:
         """Model evaluations of a `num_steps`-step sampler run."""
@@ -105,6 +149,58 @@ class Guidance:
 
 
 UNGUIDED = Guidance()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The guided sampling a refiner distils (NoiseRefine section 3.2): its guidance, sampler steps
+    N' and scheduler. A guidance-scale-conditioned teacher (appendix A.4) also names the guidance
+    field it varies (`scale_field`, e.g. "cfg" or "auto") and the values it takes in turn (`scales`).
+    """
+
+    guidance: Guidance = UNGUIDED
+    steps: int = 20
+    scheduler: str = "ddim"
+    scale_field: str = "cfg"
+    scales: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scale_field not in {f.name for f in fields(Guidance)}:
+            raise NoiseRefineError(f"unknown guidance field {self.scale_field!r} to vary")
+        for w in self.scales:
+            self.at_scale(w)  # a bad scale fails here, before any work
+
+    def at_scale(self, w: float | None) -> Guidance:
+        """The teacher's guidance with its varied field at `w` (None: the guidance as given)."""
+        return self.guidance if w is None else replace(self.guidance, **{self.scale_field: float(w)})
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the teacher spans several scales (a refiner trained on it is scale-conditioned)."""
+        return len(self.scales) > 1
+
+    def row(self, w: float | None = None) -> str:
+        """The bench row of this teacher (at scale `w`), e.g. `gaussian@auto3` or `gaussian@cfg2+steps10`."""
+        tokens = self.at_scale(w).tokens() + ([f"steps{self.steps}"] if self.steps != 20 else [])
+        return "gaussian" + ("@" + "+".join(tokens) if tokens else "")
+
+    def to_record(self) -> dict[str, Any]:
+        """A card/manifest record: the guidance record plus steps, scheduler, scales and the row name."""
+        return {**self.guidance.to_record(), "steps": self.steps, "scheduler": self.scheduler,
+                "scale_field": self.scale_field, "scales": list(self.scales),
+                "row": self.row() if not self.conditioned else None}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Teacher":
+        """A teacher from `to_record`'s output, or from the older records that wrote the CFG scale(s)
+        as a list `cfg` (one value, or the scales of a conditioned teacher)."""
+        record = dict(record)
+        scales = tuple(float(w) for w in record.get("scales", ()))
+        if isinstance(record.get("cfg"), list):
+            cfgs = [float(w) for w in record["cfg"]]
+            record["cfg"], scales = cfgs[0], (tuple(cfgs) if len(cfgs) > 1 else ())
+        return cls(Guidance.from_record(record), int(record.get("steps", 20)), str(record.get("scheduler", "ddim")),
+                   str(record.get("scale_field", "cfg")), scales)
 
 
 def conditioning(backbone: Backbone, prompts: Sequence[str], guidance: Guidance) -> Cond:

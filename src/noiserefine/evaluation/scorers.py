@@ -19,14 +19,16 @@ Nothing downloads: every path must exist locally, or a NoiseRefineError says wha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import load_tensors
 from noiserefine.sampling import to_uint8
+from noiserefine.scoring import Scorer
 
 
 def _local(path: str | Path | None, what: str) -> Path:
@@ -128,14 +130,30 @@ def aesthetic_mlp(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-SCORERS = ("clip", "aesthetic")
+SCORERS = ("judge", "clip", "aesthetic", "none")
+"""Scorer names: the embedded world's primary judge (its differentiable prompt probability; never
+the held-out judge, which grades), CLIP score, the aesthetic predictor, or no scorer."""
 
 
 def load_scorer(name: str, *, clip_model: str | Path | None = None, aesthetic_model: str | Path | None = None,
-                device: str | torch.device = "cpu") -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    """A real-image scorer by name ("clip" or "aesthetic") from local model paths."""
+                device: str | torch.device = "cpu") -> Scorer | None:
+    """A scorer by name (`SCORERS`), from local model paths; "none" gives None."""
+    if name == "judge":
+        from noiserefine.evaluation.judge import load_judge
+
+        return load_judge("primary").to(device).prompt_probability
     if name == "clip":
         return CLIPScorer(clip_model, device)
     if name == "aesthetic":
         return AestheticScorer(aesthetic_model, clip_model, device)
+    if name == "none":
+        return None
     raise NoiseRefineError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+
+
+def scorer_for(backbone: Backbone, name: str | None = None, *, clip_model: str | Path | None = None,
+               aesthetic_model: str | Path | None = None) -> Scorer | None:
+    """The scorer `name`, or, when None, the backbone's own default (`backbone.default_scorer`: the
+    judge for the embedded world; none for real models, where the user names one)."""
+    name = name or getattr(backbone, "default_scorer", None) or "none"
+    return load_scorer(name, clip_model=clip_model, aesthetic_model=aesthetic_model, device=backbone.device)

@@ -1,73 +1,163 @@
-"""Noise methods by CLI name, beyond "gaussian" and "refined" (which `api.build_method` builds):
+"""Every noise method by name, each with its options declared once.
 
-    build("golden", backbone)                          # the shipped NPNet of the shipped shapes16 model
-    build("noise-diffusion", backbone, rounds=10)      # scored by the primary shapes16 judge
-    build("best-of-n", backbone, budget=4)             # random search at a scorer budget
+    ctx = MethodContext(backbone, SamplingOptions(Guidance(cfg=2.0)), scorer=my_scorer)
+    method = build("noise-diffusion", ctx, rounds=10)
+    method = build("refined", ctx, strength=0.5)       # the backbone's shipped refiner, or ctx.weights
 
-The search methods score images sampled with their own `cfg`, `pag` and `steps`: give them the
-guidance you sample with, so the chosen noise's image is the one that was scored.
+The command line's flags (`noiserefine.cli`) and the bench's row tokens (`refined@strength0.5`)
+are read off `METHODS`, so a new method is one entry here (plus its module). Search methods
+(`searches=True`) sample every candidate with `ctx.sampling` -- the guidance and steps the caller
+samples with -- and score it with `ctx.scorer`, which the caller chooses (methods know no scorer:
+`noiserefine.evaluation.scorers` builds them by name).
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import Guidance
-from noiserefine.generation import NoiseMethod
-from noiserefine.methods.golden import NPNet, GoldenNoise
+from noiserefine.generation import GaussianNoise, NoiseMethod, SamplingOptions
+from noiserefine.io import shipped_path
+from noiserefine.methods.golden import GoldenNoise, NPNet
 from noiserefine.methods.noise_diffusion import NoiseDiffusion, NoiseDiffusionConfig
-from noiserefine.methods.search import BestOfN, SearchSampling
+from noiserefine.methods.refine import NoiseRefiner, RefinedNoise
+from noiserefine.methods.search import BestOfN
 from noiserefine.scoring import Scorer
 
 
-def golden(backbone: Backbone, path: str | Path | None = None, force: bool = False) -> GoldenNoise:
-    """NPNet from `path` (default: the shipped shapes16 NPNet); `force` accepts another base model's."""
-    return GoldenNoise(NPNet.load(backbone, path, force=force), backbone)
+@dataclass(frozen=True)
+class MethodOption:
+    """One option of a method: keyword `name` (CLI flag `--name-with-dashes`), default, help, and
+    its bench-row token and table label (e.g. `strength` and `s`: `refined@strength0.5`)."""
+
+    name: str
+    default: float | int | None
+    help: str
+    token: str | None = None
+    label: str | None = None
+    type: type = float
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-def noise_diffusion(backbone: Backbone, rounds: int = 10, candidates: int = 16, threshold: float = 0.999,
-                    gamma_min: float = 0.05, gamma_max: float = 0.9, cfg: float = 1.0, pag: float = 0.0,
-                    steps: int = 20, scorer: str = "primary", guidance_start: float = 0.0,
-                    guidance_stop: float = 1.0, auto: float = 1.0) -> NoiseDiffusion:
-    """Noise Diffusion under the shapes16 judge `scorer` ("primary"; never optimise the judge you grade with)."""
+@dataclass
+class MethodContext:
+    """What a method is built against: the backbone, how candidates/images are sampled, the scorer
+    of search methods, a weights file (refiner or NPNet; default: the backbone's shipped one) and
+    whether weights fitted to another base model are accepted. Weights are loaded once per context
+    (a refiner attaches its adapter to the backbone), however many methods are built from it."""
+
+    backbone: Backbone
+    sampling: SamplingOptions = SamplingOptions()
+    scorer: Scorer | None = None
+    weights: Path | None = None
+    force: bool = False
+    _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def load(self, method: str, loader: Callable[[Backbone, Path, bool], Any]) -> Any:
+        """`loader(backbone, path, force)` of this context's weights for `method`, loaded once."""
+        if method not in self._loaded:
+            self._loaded[method] = loader(self.backbone, self.weights_path(method), self.force)
+        return self._loaded[method]
+
+    def weights_path(self, method: str) -> Path:
+        if self.weights is not None:
+            if not Path(self.weights).exists():
+                raise NoiseRefineError(f"{METHODS[method].weights} not found: {self.weights}")
+            return Path(self.weights)
+        shipped = getattr(self.backbone, "shipped_weights", {}).get(method)
+        if shipped is None:
+            raise NoiseRefineError(f"method {method!r} needs a {METHODS[method].weights} file for this model "
+                                   "(--refiner PATH)")
+        return shipped_path(shipped)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method: its builder `build(ctx, **options)`, its options, the kind of weights file it
+    loads (None: none) and whether it searches (samples and scores candidates)."""
+
+    name: str
+    build: Callable[..., NoiseMethod]
+    options: tuple[MethodOption, ...] = ()
+    weights: str | None = None
+    searches: bool = False
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+
+def _refined(ctx: MethodContext, strength: float, teacher_scale: float | None) -> RefinedNoise:
+    return RefinedNoise(ctx.load("refined", NoiseRefiner.load), strength, teacher_scale)
+
+
+def _golden(ctx: MethodContext) -> GoldenNoise:
+    return GoldenNoise(ctx.load("golden", NPNet.load), ctx.backbone)
+
+
+def _noise_diffusion(ctx: MethodContext, rounds: int, candidates: int, threshold: float, gamma_min: float,
+                     gamma_max: float) -> NoiseDiffusion:
     config = NoiseDiffusionConfig(rounds, candidates, threshold, gamma_min, gamma_max)
-    guidance = Guidance(cfg, pag, guidance_start, guidance_stop, auto)
-    return NoiseDiffusion(backbone, judge_scorer(scorer, backbone), config, SearchSampling(guidance, steps))
+    return NoiseDiffusion(ctx.backbone, _scorer(ctx, "noise-diffusion"), config, ctx.sampling)
 
 
-def best_of_n(backbone: Backbone, budget: int = 4, cfg: float = 1.0, pag: float = 0.0, steps: int = 20,
-              scorer: str = "primary", guidance_start: float = 0.0, guidance_stop: float = 1.0,
-              auto: float = 1.0) -> BestOfN:
-    """Best of `budget` noises per image under the shapes16 judge `scorer`."""
-    guidance = Guidance(cfg, pag, guidance_start, guidance_stop, auto)
-    return BestOfN(backbone, judge_scorer(scorer, backbone), budget, SearchSampling(guidance, steps))
+def _best_of_n(ctx: MethodContext, budget: int) -> BestOfN:
+    return BestOfN(ctx.backbone, _scorer(ctx, "best-of-n"), budget, ctx.sampling)
 
 
-BUILDERS: dict[str, Callable[..., NoiseMethod]] = {
-    "golden": golden,
-    "noise-diffusion": noise_diffusion,
-    "best-of-n": best_of_n,
-}
+def _scorer(ctx: MethodContext, method: str) -> Scorer:
+    if ctx.scorer is None:
+        raise NoiseRefineError(f"method {method!r} searches under a scorer: choose one (--scorer)")
+    return ctx.scorer
 
 
-def build(name: str, backbone: Backbone, **opts) -> NoiseMethod:
-    """The noise method `name` with options `opts` (each builder's keyword arguments)."""
-    if name not in BUILDERS:
-        raise NoiseRefineError(f"unknown noise method {name!r}; choose from gaussian, refined, {', '.join(BUILDERS)}")
-    builder = BUILDERS[name]
-    allowed = [p for p in inspect.signature(builder).parameters if p != "backbone"]
-    unknown = sorted(set(opts) - set(allowed))
+METHODS: dict[str, MethodEntry] = {e.name: e for e in (
+    MethodEntry("gaussian", lambda ctx: GaussianNoise()),
+    MethodEntry("refined", _refined, (
+        MethodOption("strength", 1.0, "refinement strength s in x_T + s * delta (paper Fig. 13)", "strength", "s"),
+        MethodOption("teacher_scale", None, "teacher scale of a scale-conditioned refiner (paper A.4)", "w", "w"),
+    ), weights="refiner"),
+    MethodEntry("golden", _golden, weights="NPNet"),
+    MethodEntry("noise-diffusion", _noise_diffusion, (
+        MethodOption("rounds", 10, "Noise Diffusion rounds M (early stop at --threshold)", "rounds", type=int),
+        MethodOption("candidates", 16, "candidate noises per round K", type=int),
+        MethodOption("threshold", 0.999, "stop an image's search once its score reaches this"),
+        MethodOption("gamma_min", 0.05, "smallest step gamma of the distribution-preserving update"),
+        MethodOption("gamma_max", 0.9, "largest step gamma"),
+    ), searches=True),
+    MethodEntry("best-of-n", _best_of_n, (
+        MethodOption("budget", 4, "candidate noises per image (scorer calls)", "budget", type=int),
+    ), searches=True),
+)}
+
+
+def entry(name: str) -> MethodEntry:
+    if name not in METHODS:
+        raise NoiseRefineError(f"unknown noise method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build(name: str, ctx: MethodContext, **options: Any) -> NoiseMethod:
+    """The noise method `name` built against `ctx`, with `options` over its declared defaults."""
+    e = entry(name)
+    unknown = sorted(set(options) - set(e.defaults()))
     if unknown:
-        raise NoiseRefineError(f"method {name!r} has no option(s) {unknown}; it takes {allowed}")
-    return builder(backbone, **opts)
+        raise NoiseRefineError(f"method {name!r} has no option(s) {unknown}; it takes {sorted(e.defaults())}")
+    return e.build(ctx, **(e.defaults() | options))
 
 
-def judge_scorer(kind: str, backbone: Backbone) -> Scorer:
-    """The shapes16 judge's differentiable prompt probability, on the backbone's device."""
-    from noiserefine.evaluation.judge import load_judge
+def check_weights(name: str, weights: Path | None) -> None:
+    """Refuse a weights file for a method that loads none (it would be silently ignored)."""
+    if weights is not None and entry(name).weights is None:
+        raise NoiseRefineError(f"method {name!r} loads no weights file; --refiner applies to "
+                               f"{', '.join(m.name for m in METHODS.values() if m.weights)}")
 
-    return load_judge(kind).to(backbone.device).prompt_probability
+
+def all_options() -> dict[str, MethodOption]:
+    """Every method option by name (the CLI offers each once)."""
+    return {o.name: o for e in METHODS.values() for o in e.options}

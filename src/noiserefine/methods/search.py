@@ -17,23 +17,10 @@ import torch
 
 from noiserefine.backbones.base import Backbone, Cond
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import UNGUIDED, Guidance, conditioning
+from noiserefine.generation import SamplingOptions
+from noiserefine.guidance import conditioning
 from noiserefine.sampling import GradMode, check_noise, denoise, make_scheduler
 from noiserefine.scoring import Scorer
-
-
-@dataclass(frozen=True)
-class SearchSampling:
-    """How a candidate noise is turned into an image to score (use the guidance you sample with)."""
-
-    guidance: Guidance = UNGUIDED
-    steps: int = 20
-    scheduler: str = "ddim"
-
-    @property
-    def nfe(self) -> int:
-        """Denoiser evaluations per image for one sample."""
-        return self.guidance.nfe(self.steps)
 
 
 class Candidates:
@@ -55,7 +42,7 @@ def _noise_hash(x: torch.Tensor) -> int:
 
 
 def sample_and_score(backbone: Backbone, scorer: Scorer, z: torch.Tensor, cond: Cond, uncond: Cond | None,
-                     prompts: Sequence[str], sampling: SearchSampling, grad_mode: GradMode = "none") -> torch.Tensor:
+                     prompts: Sequence[str], sampling: SamplingOptions, grad_mode: GradMode = "none") -> torch.Tensor:
     """(B,) scores of the images sampled from noise `z`. With grad_mode="msd" the scores keep a
     graph back to `z` through the sampler's update algebra (model outputs stop-gradient)."""
     sched = make_scheduler(sampling.scheduler, backbone.scheduler_config)
@@ -68,15 +55,11 @@ def sample_and_score(backbone: Backbone, scorer: Scorer, z: torch.Tensor, cond: 
 
 
 @torch.no_grad()
-def encode(backbone: Backbone, prompts: Sequence[str], sampling: SearchSampling) -> tuple[Cond, Cond | None]:
+def encode(backbone: Backbone, prompts: Sequence[str], sampling: SamplingOptions) -> tuple[Cond, Cond | None]:
     """Conditioning of `prompts` and, when CFG is on, of the empty prompt (constants of the search)."""
     cond = conditioning(backbone, list(prompts), sampling.guidance)
     uncond = backbone.encode_prompts([""] * len(prompts)) if sampling.guidance.uses_uncond else None
     return cond, uncond
-
-
-def take(cond: Cond | None, rows: torch.Tensor) -> Cond | None:
-    return None if cond is None else {k: v[rows] for k, v in cond.items()}
 
 
 class SearchStats:
@@ -118,7 +101,7 @@ class SearchResult:
 
 @torch.no_grad()
 def best_of_n(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompts: Sequence[str], n: int,
-              sampling: SearchSampling = SearchSampling()) -> SearchResult:
+              sampling: SamplingOptions = SamplingOptions()) -> SearchResult:
     """Random search: x_T and n - 1 fresh noises per image, each sampled and scored; keep the argmax.
 
     Costs n scorer calls and n * sampling.nfe denoiser evaluations per image.
@@ -152,7 +135,7 @@ class BestOfN:
     name = "best-of-n"
 
     def __init__(self, backbone: Backbone, scorer: Scorer, n: int = 8,
-                 sampling: SearchSampling = SearchSampling()) -> None:
+                 sampling: SamplingOptions = SamplingOptions()) -> None:
         if n < 1:
             raise NoiseRefineError(f"best-of-n needs n >= 1 candidates, got {n}")
         self.backbone, self.scorer, self.n, self.sampling = backbone, scorer, n, sampling
