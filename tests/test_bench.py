@@ -7,8 +7,10 @@ import json
 import pytest
 
 from noiserefine.errors import NoiseRefineError
-from noiserefine.evaluation.bench import parse_row, run_bench
-from noiserefine.guidance import Guidance
+from noiserefine.backbones.loading import load_backbone
+from noiserefine.evaluation.bench import MAX_BENCH_IMAGES, SPLITS, bench_setup, parse_row, run_bench
+from noiserefine.guidance import Guidance, Teacher
+from noiserefine.methods.refine import NoiseRefiner, RefinerConfig
 
 
 def test_row_grammar():
@@ -40,3 +42,29 @@ def test_bench_runs_refined_rows_beside_their_teacher(tmp_path):
     for key in ("sec_per_image", "adherence", "fd", "peak_mem_mb", "heldout_adherence"):
         assert all(key in r for r in rows)
     assert teacher in md.read_text()
+
+
+def test_dev_and_test_splits_are_fixed_and_disjoint():
+    dev, test = bench_setup(50, 10, split="dev"), bench_setup(50, 10, split="test")
+    assert not set(dev.seeds) & set(test.seeds)
+    assert dev.prompts != test.prompts  # each split draws its own prompts
+    assert bench_setup(20, 10, split="test").prompts == test.prompts[:20]  # the first n of one draw
+    assert SPLITS["dev"].noise_seed_offset + MAX_BENCH_IMAGES <= SPLITS["test"].noise_seed_offset
+    with pytest.raises(NoiseRefineError, match="unknown bench split"):
+        bench_setup(5, 5, split="train")
+
+
+def test_scale_conditioned_refiner_rows_get_their_teacher_at_each_scale(tmp_path):
+    """refined@wW of a refiner trained on several teacher scales runs beside gaussian at scale W."""
+    backbone = load_backbone()
+    teacher = Teacher(Guidance(cfg=2.0), steps=2, scale_field="cfg", scales=(2.0, 3.0))
+    NoiseRefiner(backbone, RefinerConfig(rank=4, scale_conditioning=True, teacher=teacher.to_record())).save(
+        tmp_path / "refiner.safetensors")
+    run_bench(tmp_path / "bench", n=4, batch_size=4, rows="refined@w2+steps2,refined@w3+steps2",
+              refiner=tmp_path / "refiner.safetensors", progress=False, split="test")
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"gaussian (cfg2, 2 steps)", "gaussian (cfg3, 2 steps)",
+                         "refined (unguided, 2 steps, w=2)", "refined (unguided, 2 steps, w=3)"}
+    assert rows["refined (unguided, 2 steps, w=3)"]["teacher_row"] == "gaussian (cfg3, 2 steps)"
+    assert report["meta"]["split"] == "test"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,14 +20,30 @@ PATH = click.Path(path_type=Path)
 
 
 def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose user errors (NoiseRefineError, a NaN or infinite number given to any option)
+    end as one `error: ...` line and exit status 2."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_finite(kwargs)
             return fn(*args, **kwargs)
         except NoiseRefineError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def _check_finite(params: dict[str, Any]) -> None:
+    """Refuse nan and inf in number options (click's float type accepts them)."""
+    for name, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NoiseRefineError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _overwrite_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--overwrite: replace the results already in --out (deleted only once the inputs are valid).
+    Without it such a folder is refused, or resumed where the command can (`io.OutputFolder`)."""
+    return click.option("--overwrite", is_flag=True, help=f"replace {what} already in --out")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -59,12 +76,13 @@ def world() -> None:
 @click.option("--n", default=100, help="number of real renders")
 @click.option("--seed", default=0)
 @click.option("--out", type=PATH, required=True, help="output folder (its parent must exist)")
+@_overwrite_option("an export")
 @_friendly_errors
-def world_export(n: int, seed: int, out: Path) -> None:
+def world_export(n: int, seed: int, out: Path, overwrite: bool) -> None:
     """Write real shapes16 renders (PNG) and labels.jsonl.  Example: noiserefine world export --n 48 --out real/"""
     from noiserefine.world.export import export_world
 
-    click.echo(export_world(out, n, seed))
+    click.echo(export_world(out, n, seed, overwrite=overwrite))
 
 
 @world.command("prompts")
@@ -90,8 +108,10 @@ def world_prompts() -> None:
 def train_base_cmd(steps: int, batch_size: int, seed: int, prompt_dropout: float, snapshot_every: int,
                    noise_schedule: str, out: Path) -> None:
     """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base"""
+    from noiserefine.io import OutputFolder
     from noiserefine.train_base import BaseTrainConfig, train_base
 
+    OutputFolder(out, ()).check()  # not a file, parent exists; the run itself resumes or refuses
     click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed,
                                                prompt_dropout=prompt_dropout, snapshot_every=snapshot_every,
                                                noise_schedule=noise_schedule)))
@@ -124,18 +144,60 @@ def _prompts_for(params: dict[str, Any], preset: str | None) -> list[str]:
     raise NoiseRefineError("--prompt-file is required (one prompt per line)")
 
 
+def _guidance_options(teacher: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The guidance flags (--cfg, --pag, --auto, --guidance-start, --guidance-stop), read off
+    `Guidance`'s fields, plus --guide. A teacher's flags (`targets`) take a list such as 2,3,4 in
+    at most one of them: a guidance-scale-conditioned teacher (paper A.4)."""
+    from noiserefine.guidance import Guidance
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(Guidance.options()):
+            meta = f.metadata
+            help_ = meta["help"] + ("; a list 2,3,4 varies it across targets" if teacher else "")
+            fn = click.option(meta["flag"], meta["record"], type=str if teacher else float, default=f.default,
+                              help=help_)(fn)
+        return click.option("--guide", default=None,
+                            help="guide model of --auto (default: the shipped one of shapes16)")(fn)
+    return decorate
+
+
+def _pop_guidance(params: dict[str, Any]):
+    """The `Guidance` of a command's guidance flags (removed from `params`)."""
+    from noiserefine.guidance import Guidance
+
+    return Guidance.from_record({f.metadata["record"]: params.pop(f.metadata["record"]) for f in Guidance.options()})
+
+
+def _pop_teacher(params: dict[str, Any]):
+    """The `Teacher` of `targets`' guidance flags, --steps and --scheduler (removed from `params`)."""
+    from noiserefine.guidance import Guidance, Teacher
+
+    values = {f.name: _floats(str(params.pop(f.metadata["record"]))) for f in Guidance.options()}
+    varied = [name for name, v in values.items() if len(v) > 1]
+    if len(varied) > 1:
+        raise NoiseRefineError(f"a teacher varies at most one guidance scale, got lists for {', '.join(varied)}")
+    guidance = Guidance(**{name: v[0] for name, v in values.items()})
+    field = varied[0] if varied else "cfg"
+    return Teacher(guidance, params.pop("steps"), params.pop("scheduler"), field, tuple(values[field]) if varied else ())
+
+
 def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--method, its weights and scorer, every method's own options (read off the method registry),
+    the guidance flags and the sampler's."""
+    from noiserefine.evaluation.scorers import SCORERS
+    from noiserefine.methods.registry import METHODS, all_options
+
     options = [
-        click.option("--method", default="gaussian", help="gaussian | refined | golden | noise-diffusion | best-of-n"),
-        click.option("--refiner", type=PATH, default=None, help="refiner .safetensors (default: the shipped one)"),
-        click.option("--strength", default=1.0, help="refinement strength s in x_T + s * delta"),
-        click.option("--force", is_flag=True, help="load a refiner trained on another base model"),
-        click.option("--cfg", default=1.0, help="CFG scale w (1 = off)"),
-        click.option("--pag", default=0.0, help="PAG scale s (0 = off)"),
-        click.option("--auto", default=1.0, help="autoguidance scale a (1 = off; uses the guide model)"),
-        click.option("--guide", default=None, help="guide model for --auto (default: the shipped one of shapes16)"),
-        click.option("--guidance-start", default=0.0, help="guide only steps from this fraction of the run on"),
-        click.option("--guidance-stop", default=1.0, help="guide only steps before this fraction of the run"),
+        click.option("--method", default="gaussian", type=click.Choice(list(METHODS)), help="noise method"),
+        click.option("--refiner", type=PATH, default=None,
+                     help="weights of --method refined (a refiner) or golden (an NPNet); default: the shipped one"),
+        click.option("--force", is_flag=True, help="load weights trained on another base model"),
+        click.option("--scorer", type=click.Choice(SCORERS), default=None,
+                     help="scorer of the search methods (default: the model's own; shapes16: the primary judge)"),
+        *[click.option(o.flag, o.name, type=o.type, default=None,
+                       help=f"{o.help} [{', '.join(m.name for m in METHODS.values() if o in m.options)}; "
+                            f"default {o.default}]") for o in all_options().values()],
+        _guidance_options(),
         click.option("--steps", default=20, help="sampler steps"),
         click.option("--scheduler", default="ddim", help="ddim | euler | dpm++"),
         click.option("--model", default=None, help="base model: shapes16 (default), weights file or pipeline folder"),
@@ -146,11 +208,29 @@ def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _pop_method_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave for --method (removed from `params`); an option of another method
+    is an error, not silently ignored."""
+    from noiserefine.methods.registry import METHODS, all_options
+
+    given = {name: params.pop(name) for name in all_options() if params.get(name) is not None}
+    for name in all_options():
+        params.pop(name, None)
+    entry = METHODS[params["method"]]
+    foreign = sorted(set(given) - {o.name for o in entry.options})
+    if foreign:
+        flags = ", ".join(all_options()[name].flag for name in foreign)
+        raise NoiseRefineError(f"{flags} do(es) not apply to --method {entry.name}")
+    return given
+
+
 @main.command()
 @click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
 @click.option("--seeds", required=True, help="seed range A-B (inclusive) or list A,B,C")
 @_method_options
-@click.option("--out", type=PATH, required=True, help="output folder (its parent must exist)")
+@click.option("--out", type=PATH, required=True, help="output folder (its parent must exist); a folder "
+              "of the same settings resumes, one of other settings is refused")
+@_overwrite_option("the samples")
 @_preset_options
 @_friendly_errors
 def sample(ctx: click.Context, **_: Any) -> None:
@@ -159,13 +239,17 @@ def sample(ctx: click.Context, **_: Any) -> None:
     Example: noiserefine sample --prompt-file p.txt --seeds 0-7 --method refined --out samples/
     """
     from noiserefine.api import sample_to_folder
+    from noiserefine.generation import SamplingOptions
     from noiserefine.sampling import seeds_from_range
 
     params = _with_preset(ctx, "sample")
     prompts = _prompts_for(params, ctx.params.get("preset"))
     params.pop("prompt_file")
     seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
-    click.echo(sample_to_folder(prompts, seeds, out, **params))
+    method_options = _pop_method_options(params)
+    sampling = SamplingOptions(_pop_guidance(params), params.pop("steps"), params.pop("scheduler"),
+                               params.pop("batch_size"))
+    click.echo(sample_to_folder(prompts, seeds, out, method_options=method_options, sampling=sampling, **params))
 
 
 @main.command("eval")
@@ -182,26 +266,27 @@ def eval_cmd(folder: Path) -> None:
 @main.command()
 @click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
 @click.option("--seeds", required=True, help="one target per seed; prompts are taken in turn")
-@click.option("--cfg", default="2.0", help="CFG scale of the teacher; a list 1.5,3,5 for scale conditioning")
-@click.option("--pag", default=0.0, help="PAG scale of the teacher")
-@click.option("--guidance-start", default=0.0, help="teacher guides steps from this fraction of the run on")
-@click.option("--guidance-stop", default=1.0, help="teacher guides steps before this fraction of the run")
+@_guidance_options(teacher=True)
 @click.option("--steps", default=20, help="teacher sampler steps N'")
 @click.option("--scheduler", default="ddim")
 @click.option("--shard-size", default=256)
-@click.option("--score", default="judge", help="target score for filtering: judge | clip | aesthetic | none")
+@click.option("--score", default=None,
+              help="target score for filtering: judge | clip | aesthetic | none (default: the model's own)")
 @click.option("--clip-model", default=None, help="local CLIP folder (for --score clip / aesthetic)")
 @click.option("--aesthetic-model", default=None, help="local aesthetic-predictor safetensors")
 @click.option("--model", default=None)
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="target folder (a killed run resumes here)")
+@_overwrite_option("the targets instead of resuming them")
 @_preset_options
 @_friendly_errors
 def targets(ctx: click.Context, **_: Any) -> None:
-    """Generate guided targets (x_T, prompt, x_0^Guide) in resumable safetensors shards.
-    Under `accelerate launch`, processes write disjoint shards of one folder.
+    """Generate guided targets (x_T, prompt, x_0^Guide) in resumable safetensors shards. The
+    teacher is any guidance (--cfg, --pag, --auto, an interval); a list in one flag (--cfg
+    1.5,2,3,4) makes targets for a scale-conditioned refiner. Under `accelerate launch`,
+    processes write disjoint shards of one folder.
 
-    Example: noiserefine targets --prompt-file p.txt --seeds 0-2047 --cfg 2 --out runs/targets
+    Example: noiserefine targets --prompt-file p.txt --seeds 0-2047 --auto 3 --out runs/targets
     """
     from noiserefine.api import make_targets
     from noiserefine.sampling import seeds_from_range
@@ -209,31 +294,40 @@ def targets(ctx: click.Context, **_: Any) -> None:
     params = _with_preset(ctx, "targets")
     prompts = _prompts_for(params, ctx.params.get("preset"))
     params.pop("prompt_file")
-    seeds, cfg, out = seeds_from_range(params.pop("seeds")), _floats(str(params.pop("cfg"))), params.pop("out")
-    click.echo(make_targets(prompts, seeds, cfg, out, **params))
+    seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
+    click.echo(make_targets(prompts, seeds, _pop_teacher(params), out, **params))
+
+
+def _train_default(name: str) -> Any:
+    """`TrainConfig`'s default of field `name` (the CLI never re-types a training default)."""
+    from noiserefine.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 @main.command()
 @click.option("--targets", "targets_dir", type=PATH, required=True, multiple=True,
               help="target folder (repeat to train on several made by the same teacher)")
-@click.option("--steps", default=400, help="optimizer steps")
-@click.option("--batch-size", default=32, help="global batch (split across processes)")
-@click.option("--lr", default=6e-4)
-@click.option("--lr-schedule", default="constant", type=click.Choice(["constant", "cosine"]),
+@click.option("--steps", default=_train_default("steps"), help="optimizer steps")
+@click.option("--batch-size", default=_train_default("batch_size"), help="global batch (split across processes)")
+@click.option("--lr", default=_train_default("lr"))
+@click.option("--lr-schedule", default=_train_default("lr_schedule"), type=click.Choice(["constant", "cosine"]),
               help="cosine decays the learning rate to 0 over --steps")
-@click.option("--loss", default="msd", type=click.Choice(["msd", "full", "noise"]))
-@click.option("--msd-steps", default=10, help="unguided sampler steps N inside the loss")
-@click.option("--scheduler", default="ddim", help="sampler inside the loss: ddim | euler | dpm++")
-@click.option("--rank", default=32, help="LoRA rank")
-@click.option("--keep-fraction", default=0.75, help="train on the best fraction of targets by score")
-@click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's CFG scale")
+@click.option("--loss", default=_train_default("loss"), type=click.Choice(["msd", "full", "noise"]))
+@click.option("--msd-steps", default=_train_default("msd_steps"), help="unguided sampler steps N inside the loss")
+@click.option("--scheduler", default=_train_default("scheduler"), help="sampler inside the loss: ddim | euler | dpm++")
+@click.option("--rank", default=_train_default("rank"), help="LoRA rank")
+@click.option("--keep-fraction", default=_train_default("keep_fraction"),
+              help="train on the best fraction of targets by score")
+@click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's scale")
 @click.option("--init-from", default=None, help="start from this refiner .safetensors (same rank and layers)")
 @click.option("--gradient-checkpointing", is_flag=True, help="recompute denoiser activations in backward")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
               help="autocast (default: accelerate launch's, else the --dtype's); refiner weights stay fp32")
-@click.option("--seed", default=0)
+@click.option("--seed", default=_train_default("seed"))
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
+@_overwrite_option("the run (checkpoint and refiner) instead of resuming it")
 @_preset_options
 @_friendly_errors
 def train(ctx: click.Context, **_: Any) -> None:
@@ -245,9 +339,116 @@ def train(ctx: click.Context, **_: Any) -> None:
     from noiserefine.train import TrainConfig, train_refiner
 
     params = _with_preset(ctx, "train")
-    targets_dirs, out = list(params.pop("targets_dir")), params.pop("out")
-    backbone = load_backbone(params.pop("model"), dtype=params.pop("dtype"))
-    click.echo(train_refiner(backbone, targets_dirs, out, TrainConfig(**params)))
+    targets_dirs, out, overwrite = list(params.pop("targets_dir")), params.pop("out"), params.pop("overwrite")
+    model, dtype = params.pop("model"), params.pop("dtype")
+    cfg = TrainConfig(**params)  # bad settings fail before the model loads
+    click.echo(train_refiner(load_backbone(model, dtype=dtype), targets_dirs, out, cfg, overwrite=overwrite))
+
+
+# -- Golden Noise / NPNet ---------------------------------------------------------------------
+def _dataclass_options(where: str, helps: dict[str, str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One option per field named in `helps` of the dataclass `where` ("module:Class"), its default
+    read off the dataclass (the CLI never re-types a default)."""
+    import importlib
+
+    module, name = where.split(":")
+    fields = getattr(importlib.import_module(module), name).__dataclass_fields__
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for field, help_ in reversed(list(helps.items())):
+            default = fields[field].default
+            fn = click.option("--" + field.replace("_", "-"), default=default, type=type(default), help=help_)(fn)
+        return fn
+    return decorate
+
+
+@main.group()
+def golden() -> None:
+    """Golden Noise: NPNet's noise pairs (re-denoise sampling) and its training.
+
+    \b
+    Example: noiserefine golden pairs --prompt-file p.txt --seeds 0-2399 --out runs/pairs
+             noiserefine golden train --pairs runs/pairs --out runs/npnet
+    """
+
+
+@golden.command("pairs")
+@click.option("--prompt-file", type=PATH, required=True, help="one prompt per line; pair i takes prompt i mod P")
+@click.option("--seeds", required=True, help="one pair per seed: range A-B (inclusive) or list A,B,C")
+@_dataclass_options("noiserefine.npnet_pairs:RedenoiseSpec", {
+    "high_cfg": "CFG scale w_l of the DDIM step from x_T",
+    "low_cfg": "CFG scale w_w of the inversion back to T (< --high-cfg)",
+    "grid_steps": "trailing DDIM grid whose first step is taken and inverted",
+    "filter_cfg": "CFG scale of the two images sampled to score a pair",
+    "filter_steps": "sampler steps of those images",
+    "shard_size": "pairs per shard file"})
+@click.option("--score", default=None,
+              help="pair filter scorer: judge | clip | aesthetic (default: the model's own; shapes16: judge)")
+@click.option("--clip-model", default=None, help="local CLIP folder (for --score clip / aesthetic)")
+@click.option("--aesthetic-model", default=None, help="local aesthetic-predictor safetensors")
+@click.option("--model", default=None, help="base model: shapes16 (default), weights file or pipeline folder")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="model dtype")
+@click.option("--batch-size", default=64)
+@click.option("--out", type=PATH, required=True, help="pair folder (a killed run resumes here)")
+@_friendly_errors
+def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: str | None,
+                 aesthetic_model: str | None, model: str | None, dtype: str | None, batch_size: int, out: Path,
+                 **spec_options: Any) -> None:
+    """Collect NPNet's noise pairs (x_T, x_T') by re-denoise sampling, each scored on the images
+    of both noises (resumable; under `accelerate launch`, processes write disjoint shards).
+
+    Example: noiserefine golden pairs --prompt-file p.txt --seeds 0-2399 --out runs/pairs
+    """
+    import torch
+    from accelerate import PartialState
+
+    from noiserefine.backbones.loading import load_backbone
+    from noiserefine.evaluation.scorers import scorer_for
+    from noiserefine.npnet_pairs import RedenoiseSpec, collect_pairs
+    from noiserefine.sampling import seeds_from_range
+
+    prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
+    backbone = load_backbone(model, dtype=dtype)
+    backbone.encode_prompts(prompts)  # an unknown word fails before any work
+    score = score or getattr(backbone, "default_scorer", None)
+    if score in (None, "none"):
+        raise NoiseRefineError("golden pairs keeps the pairs a scorer prefers: choose one with --score")
+    spec = RedenoiseSpec(prompts, seed_list, score=score, **spec_options)
+    scorer = scorer_for(backbone, score, clip_model=clip_model, aesthetic_model=aesthetic_model)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    collect_pairs(backbone, spec, out, scorer, batch_size, (state.process_index, state.num_processes),
+                  progress=state.is_main_process)
+    state.wait_for_everyone()
+    click.echo(out)
+
+
+@golden.command("train")
+@click.option("--pairs", type=PATH, required=True, help="pair folder written by `golden pairs`")
+@_dataclass_options("noiserefine.train_npnet:NPNetTrainConfig", {
+    "steps": "optimizer steps",
+    "batch_size": "pairs per step",
+    "lr": "peak learning rate (cosine decay to 0)",
+    "margin": "keep pairs whose score beats their source's by more than this (s_0 + m < s_0')",
+    "val_fraction": "held-out share of the kept pairs (every k-th pair)",
+    "width": "NPNet transformer width",
+    "depth": "residual-branch transformer layers",
+    "heads": "attention heads",
+    "patch": "residual-branch patch size",
+    "seed": "initialisation and batch-order seed",
+    "checkpoint_every": "steps between checkpoints"})
+@click.option("--model", default=None, help="base model the pairs were collected with (default: shapes16)")
+@click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
+@_friendly_errors
+def golden_train(pairs: Path, model: str | None, out: Path, **config: Any) -> None:
+    """Train NPNet on a pair folder with MSE (resumable): writes OUT/npnet.safetensors + .json.
+
+    Example: noiserefine golden train --pairs runs/pairs --out runs/npnet
+    """
+    from noiserefine.backbones.loading import load_backbone
+    from noiserefine.train_npnet import NPNetTrainConfig, train_npnet
+
+    cfg = NPNetTrainConfig(**config)
+    click.echo(train_npnet(load_backbone(model), pairs, out, cfg))
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -262,59 +463,72 @@ def train(ctx: click.Context, **_: Any) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
 @click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts)")
 @click.option("--clip-model", default=None, help="local CLIP folder: CLIP score per row (real models)")
+@click.option("--scorer", default=None, help="scorer of the search-method rows: judge | clip | none "
+              "(default: the model's own; shapes16: the primary judge)")
+@click.option("--split", type=click.Choice(["dev", "test"]), default="dev",
+              help="prompt and seed draw: tune on dev; report on test, which no choice may touch")
 @click.option("--out", type=PATH, required=True)
+@_overwrite_option("a bench")
 @_friendly_errors
 def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool, model: str | None,
-          guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None, out: Path) -> None:
+          guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None,
+          scorer: str | None, split: str, out: Path, overwrite: bool) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
 
     On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures
-    and, with --clip-model, the CLIP score.
+    and, with --clip-model, the CLIP score. A row is `method[@opt+opt...]` with guidance options
+    cfgW pagS autoA startF stopF, stepsN, nN (first N images only) and the method's own
+    (refined: strengthS, wW for a scale-conditioned refiner; best-of-n: budgetB).
 
-    Example: noiserefine bench --n 1000 --out runs/bench
+    Example: noiserefine bench --n 1000 --split test --out runs/bench
     """
     from noiserefine.evaluation.bench import run_bench
 
     prompts = _read_prompts(prompt_file) if prompt_file else None
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
-                         dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide).read_text())
+                         dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide,
+                         scorer=scorer, split=split, overwrite=overwrite).read_text())
 
 
 @main.command()
 @click.option("--n", default=200, help="bench images per row (the full bench uses 1000)")
 @click.option("--out", type=PATH, required=True)
+@_overwrite_option("a demo")
 @_friendly_errors
-def demo(n: int, out: Path) -> None:
+def demo(n: int, out: Path, overwrite: bool) -> None:
     """The main job on the embedded default: picture grid (grid.png) + bench table.
 
     Example: noiserefine demo --out runs/demo
     """
     from noiserefine.demo import run_demo
 
-    click.echo(run_demo(out, n=n).read_text())
+    click.echo(run_demo(out, n=n, overwrite=overwrite).read_text())
 
 
 @main.command()
 @click.option("--n", default=300, help="images per measurement")
 @click.option("--refiner", type=PATH, default=None)
 @click.option("--out", type=PATH, required=True)
+@_overwrite_option("an analysis")
 @_friendly_errors
-def analyze(n: int, refiner: Path | None, out: Path) -> None:
+def analyze(n: int, refiner: Path | None, out: Path, overwrite: bool) -> None:
     """Section-5 analyses of a refiner: change size, frequency content, band swaps, strength.
 
     Example: noiserefine analyze --out runs/analysis
     """
-    from noiserefine.analysis import AnalysisInputs, run_analysis
+    from noiserefine.analysis import RESULTS, AnalysisInputs, run_analysis
     from noiserefine.api import load_refiner
     from noiserefine.evaluation.bench import bench_setup
     from noiserefine.evaluation.judge import load_judges
     from noiserefine.evaluation.metrics import score_images
+    from noiserefine.io import OutputFolder
 
-    judges = load_judges()
+    OutputFolder(out, RESULTS, overwrite=overwrite).check()  # before any model loads
     setup = bench_setup(n, batch_size=n)
+    judges = load_judges()
     inputs = AnalysisInputs(load_refiner(path=refiner), setup.prompts, setup.seeds,
                             lambda images, prompts: score_images(images, prompts, judges))
-    click.echo(json.dumps(run_analysis(inputs, out), indent=2))
+    click.echo(json.dumps(run_analysis(inputs, out, overwrite=overwrite), indent=2))
 
 
 def _floats(text: str) -> list[float]:

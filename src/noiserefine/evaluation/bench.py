@@ -23,17 +23,30 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
-from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
-from noiserefine.generation import SamplingOptions, generate_latents
-from noiserefine.guidance import Guidance, check_guide
-from noiserefine.io import ensure_out_dir, write_json
-from noiserefine.generation import NoiseMethod
+from noiserefine.evaluation.scorers import scorer_for
+from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents
+from noiserefine.guidance import UNGUIDED, Guidance, Teacher, check_guide
+from noiserefine.io import OutputFolder, write_json
+from noiserefine.methods import registry
+from noiserefine.methods.refine import NoiseRefiner
+from noiserefine.methods.registry import MethodContext
 from noiserefine.sampling import as_saved
 from noiserefine.world.shapes16 import ALL_PROMPTS
 
-PROMPT_SEED = 20241121  # fixed: every bench draws the same prompts
-NOISE_SEED_OFFSET = 1_000_000  # bench seeds never overlap training-target seeds (0..~10^5)
+@dataclass(frozen=True)
+class Split:
+    """A fixed draw of bench prompts and noise seeds. Tune on "dev"; report on "test", which no
+    choice (recipe, scale, snapshot, threshold) may touch. Both seed ranges are disjoint from each
+    other and from training-target seeds (0 .. ~10^5)."""
+
+    prompt_seed: int
+    noise_seed_offset: int
+
+
+SPLITS = {"dev": Split(prompt_seed=20241121, noise_seed_offset=1_000_000),
+          "test": Split(prompt_seed=20261127, noise_seed_offset=2_000_000)}
+MAX_BENCH_IMAGES = 1_000_000  # keeps the dev seed range below the test one
 # The full bench takes 14.5-17 minutes on 2 shared CPU cores: rows not needed at 1,000 images
 # run on the first 300 (200 for the per-sample search methods) of the same prompts and seeds.
 REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3"  # + refined with --refiner
@@ -42,41 +55,45 @@ DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,g
                 "golden,golden@cfg2+n300,noise-diffusion@n200,best-of-n@n200")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowSpec:
+    """One bench row: a noise method and its options, sampled with `guidance` in `steps` steps,
+    on the first `n` images (None: all)."""
+
     method: str
-    cfg: float = 1.0
-    pag: float = 0.0
+    guidance: Guidance = UNGUIDED
     steps: int = 20
     n: int | None = None
-    strength: float = 1.0
-    start: float = 0.0
-    stop: float = 1.0
-    auto: float = 1.0
-
-    @property
-    def guidance(self) -> Guidance:
-        return Guidance(self.cfg, self.pag, self.start, self.stop, self.auto)
+    options: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        g = self.guidance.name
-        extra = (f", {self.steps} steps" if self.steps != 20 else "") + (
-            f", s={self.strength:g}" if self.strength != 1.0 else "")
-        return f"{self.method} ({g}{extra})"
+        labels = {o.name: o.label or o.name for o in registry.entry(self.method).options}
+        extra = (f", {self.steps} steps" if self.steps != 20 else "") + "".join(
+            f", {labels[k]}={v:g}" for k, v in self.options)
+        return f"{self.method} ({self.guidance.name}{extra})"
 
 
 def parse_row(text: str) -> RowSpec:
+    """A row `method[@opt+opt...]`: guidance tokens (`Guidance`'s: cfgW, pagS, autoA, startF, stopF),
+    `stepsN`, `nN` and the method's own (`refined@strength0.5`, `refined@w3`)."""
     method, _, opts = text.strip().partition("@")
-    spec = RowSpec(method=method)
+    entry = registry.entry(method)
+    tokens = {o.token: o for o in entry.options if o.token}
+    guidance, steps, n, options = {}, 20, None, {}
     for opt in filter(None, opts.split("+")):
-        m = re.fullmatch(r"(cfg|pag|auto|steps|n|strength|start|stop)([0-9.]+)", opt)
-        if not m:
+        m = re.fullmatch(r"([a-z]+)([0-9.]+)", opt)
+        parsed = Guidance.parse_token(opt) if m else None
+        if parsed:
+            guidance[parsed[0]] = parsed[1]
+        elif m and m.group(1) in ("steps", "n") and m.group(2).isdigit():
+            steps, n = (int(m.group(2)), n) if m.group(1) == "steps" else (steps, int(m.group(2)))
+        elif m and m.group(1) in tokens:
+            options[tokens[m.group(1)].name] = tokens[m.group(1)].type(float(m.group(2)))
+        else:
             raise NoiseRefineError(f"bad bench row option {opt!r} in {text!r}")
-        key, val = m.groups()
-        setattr(spec, key, int(val) if key in ("steps", "n") else float(val))
-    spec.guidance  # a bad scale or interval fails while parsing, before any row runs
-    return spec
+    # a bad scale or interval fails while parsing, before any row runs
+    return RowSpec(method, Guidance(**guidance), steps, n, tuple(options.items()))
 
 
 @dataclass
@@ -86,13 +103,30 @@ class BenchSetup:
     batch_size: int
 
 
-def bench_setup(n: int, batch_size: int, prompt_pool: Sequence[str] = ALL_PROMPTS) -> BenchSetup:
-    """n prompts drawn uniformly from `prompt_pool` with a fixed seed, and n fixed noise seeds."""
+RESULTS = ("bench.md", "bench.json")
+"""What `run_bench` writes (`OutputFolder` results)."""
+
+
+def check_bench_size(n: int, batch_size: int) -> None:
+    """Refuse fewer than one image per row or a batch size below 1."""
+    if n < 1 or batch_size < 1:
+        raise NoiseRefineError(f"the bench needs n >= 1 images per row and a batch size >= 1, "
+                               f"got n={n}, batch size {batch_size}")
+
+
+def bench_setup(n: int, batch_size: int, prompt_pool: Sequence[str] = ALL_PROMPTS, split: str = "dev") -> BenchSetup:
+    """n prompts drawn uniformly from `prompt_pool` with the split's fixed seed, and the split's n
+    fixed noise seeds (the first n of the same draw for every n)."""
+    check_bench_size(n, batch_size)
+    if split not in SPLITS:
+        raise NoiseRefineError(f"unknown bench split {split!r}; choose from {', '.join(SPLITS)}")
+    if n > MAX_BENCH_IMAGES:
+        raise NoiseRefineError(f"the bench takes at most {MAX_BENCH_IMAGES} images per row, got {n}")
     if not prompt_pool:
         raise NoiseRefineError("the bench needs at least one prompt")
-    rng = np.random.default_rng(PROMPT_SEED)
+    rng = np.random.default_rng(SPLITS[split].prompt_seed)
     prompts = [prompt_pool[i] for i in rng.integers(0, len(prompt_pool), size=n)]
-    return BenchSetup(prompts, [NOISE_SEED_OFFSET + i for i in range(n)], batch_size)
+    return BenchSetup(prompts, [SPLITS[split].noise_seed_offset + i for i in range(n)], batch_size)
 
 
 class PeakRSS:
@@ -146,8 +180,8 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
         images = as_saved(backbone.decode(latents))
         seconds = time.perf_counter() - t0
     nfe = spec.guidance.nfe(spec.steps) + method.extra_nfe
-    row = {"row": spec.label, "method": spec.method, "cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
-           "guidance_start": spec.start, "guidance_stop": spec.stop, "auto": spec.auto,
+    row = {"row": spec.label, "method": spec.method, **spec.guidance.to_record(), "steps": spec.steps,
+           **dict(spec.options),
            "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
            "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
            **score(images, prompts), **getattr(method, "stats", {})}
@@ -157,55 +191,63 @@ def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: Bench
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
               refiner: Path | None = None, model: str | None = None, progress: bool = True,
               prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
-              force: bool = False, guide: str | None = None) -> Path:
-    """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path.
+              force: bool = False, guide: str | None = None, scorer: str | None = None,
+              overwrite: bool = False, split: str = "dev") -> Path:
+    """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path (a
+    folder holding a bench is refused unless `overwrite`; the folder is made when the rows are done).
 
     On the embedded shapes16 model rows are scored by the two judges (adherence, FD). On a real
     model (`model` = a pipeline folder or hub id) rows carry time, model evaluations and memory,
     plus the CLIP score when `clip_model` names a local CLIP folder; prompts come from `prompts`
-    (default: the shapes16 prompts, which any text-to-image model can read).
+    (default: the shapes16 prompts, which any text-to-image model can read), drawn with `split`'s
+    seeds ("dev" to tune on, "test" to report). A refined row's teacher row is added to the run
+    when missing (for a scale-conditioned refiner, the teacher at the row's scale `wW`).
     """
-    from noiserefine.api import build_method, load_refiner
-    from noiserefine.methods.refine import RefinedNoise
-
-    out = ensure_out_dir(out)
-    specs = [parse_row(r) for r in (DEFAULT_ROWS if rows == "default" else rows).split(",")]
+    folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
+    check_bench_size(n, batch_size)
     backbone = load_backbone(model, guide=guide, dtype=dtype)
+    suite = SUITES.get(getattr(backbone, "world", None), REAL_MODEL_SUITE)
+    specs = [parse_row(r) for r in (suite.rows if rows == "default" else rows).split(",")]
+    if rows == "default" and refiner is not None and not any(s.method == "refined" for s in specs):
+        specs.append(parse_row("refined"))
     for spec in specs:
         check_guide(backbone, spec.guidance)
-    shapes16 = isinstance(backbone, Shapes16Backbone)
-    if rows == "default" and not shapes16:
-        specs = [parse_row(r) for r in REAL_MODEL_ROWS.split(",") + (["refined"] if refiner else [])]
-    score = _judge_score() if shapes16 else _real_score(clip_model, backbone)
-    setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS))
-    methods = {s.method: None for s in specs}
-    loaded = load_refiner(backbone, refiner, force) if "refined" in methods else None  # attach once
-    teacher = _teacher(loaded)
-    if teacher is not None and not any(_same_guidance(s, teacher) for s in specs):
-        specs.insert(1, teacher)  # the refiner's teacher row must be in the same run
+    score = suite.score(backbone, clip_model)
+    setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS), split)
+    ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, clip_model=clip_model), weights=refiner,
+                        force=force)
+    teachers = _teacher_rows(ctx, specs) if any(s.method == "refined" for s in specs) else {}
+    for k, row in enumerate(dict.fromkeys(teachers.values())):  # a teacher's row must be in the same run
+        if not any(_same_guidance(s, row) for s in specs):
+            specs.insert(1 + k, row)
     results = []
     for spec in tqdm(specs, desc="bench rows", disable=not progress):
-        method = (RefinedNoise(loaded, spec.strength) if spec.method == "refined"
-                  else build_method(spec.method, backbone, **_method_opts(spec, results)))
+        options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
+        method = registry.build(spec.method, replace(ctx, sampling=options), **_method_opts(spec, results))
         row, _ = run_row(backbone, spec, method, setup, score)
-        if spec.method == "refined" and teacher is not None:
-            row |= {"teacher_cfg": teacher.cfg, "teacher_pag": teacher.pag,
-                    "teacher_guidance_start": teacher.start, "teacher_guidance_stop": teacher.stop}
+        if spec in teachers:
+            teacher = teachers[spec]
+            row |= {"teacher_" + k: v for k, v in teacher.guidance.to_record().items()} | {"teacher_row": teacher.label}
         results.append(row)
-    reference = teacher or next((s for s in specs if s.method == "gaussian" and s.cfg != 1 and s.pag == 0
-                                 and not s.guidance.uses_auto and not s.guidance.limited), specs[0])
+    reference = next(iter(teachers.values()), None) or next((s for s in specs if s.method == "gaussian" and s.guidance.cfg != 1
+                                 and not s.guidance.uses_pag and not s.guidance.uses_auto
+                                 and not s.guidance.limited), specs[0])
     ref_row = next(r for r in results if r["row"] == reference.label)
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
-    meta = {"n": n, "batch_size": batch_size, "sampler": "ddim (trailing)", "reference_row": reference.label,
-            "torch_threads": torch.get_num_threads(), "device": str(backbone.device), "methods": list(methods),
+    meta = {"n": n, "split": split, "batch_size": batch_size, "sampler": "ddim (trailing)",
+            "reference_row": reference.label,
+            "torch_threads": torch.get_num_threads(), "device": str(backbone.device),
+            "methods": list(dict.fromkeys(s.method for s in specs)),
             "model": model or "shapes16", "backbone": type(backbone).__name__, "dtype": str(backbone.dtype).removeprefix("torch.")}
+    out = folder.open()
     write_json(out / "bench.json", {"meta": meta, "rows": results})
-    (out / "bench.md").write_text((format_table if shapes16 else format_real_table)(results, meta))
+    (out / "bench.md").write_text(suite.table(results, meta))
     return out / "bench.md"
 
 
-def _judge_score() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+def _judge_score(backbone: Backbone, clip_model: str | None) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+    """Adherence and FD under both judges (the embedded world)."""
     from noiserefine.evaluation.judge import load_judges
     from noiserefine.evaluation.metrics import score_images
 
@@ -213,7 +255,7 @@ def _judge_score() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
     return lambda images, prompts: score_images(images, prompts, judges)
 
 
-def _real_score(clip_model: str | None, backbone: Backbone) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+def _real_score(backbone: Backbone, clip_model: str | None) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
     """CLIP score (mean over the row) from a local CLIP folder, or nothing to score with."""
     if clip_model is None:
         return lambda images, prompts: {}
@@ -224,15 +266,20 @@ def _real_score(clip_model: str | None, backbone: Backbone) -> Callable[[torch.T
         [scorer(images[i: i + 64], prompts[i: i + 64]) for i in range(0, len(prompts), 64)]).mean())}
 
 
-def _teacher(refiner) -> RowSpec | None:
-    """The Gaussian row with the refiner's teacher guidance (None without a single teacher)."""
-    if refiner is None:
-        return None
-    teacher = refiner.meta["config"].get("teacher", {})
-    if len(teacher.get("cfg", [])) != 1:
-        return None  # a scale-conditioned (or untrained) refiner has no single teacher
-    g = Guidance.of_teacher(teacher)
-    return RowSpec("gaussian", cfg=g.cfg, pag=g.pag, steps=int(teacher["steps"]), start=g.start, stop=g.stop)
+def _teacher_rows(ctx: MethodContext, specs: list[RowSpec]) -> dict[RowSpec, RowSpec]:
+    """The Gaussian row of each refined row's teacher: the refiner's teacher (recorded in its card),
+    at the row's teacher scale `wW` for a scale-conditioned refiner. Unguided teachers and
+    conditioned refiner rows without a scale get none."""
+    refiner = ctx.load("refined", NoiseRefiner.load)  # attached once; every refined row shares it
+    teacher = Teacher.from_record(refiner.meta["config"].get("teacher", {}))
+    rows = {}
+    for spec in specs:
+        w = dict(spec.options).get("teacher_scale")
+        if spec.method == "refined" and (w is not None or not teacher.conditioned):
+            row = parse_row(teacher.row(w if teacher.conditioned else None))
+            if row.guidance.is_guided:
+                rows[spec] = row
+    return rows
 
 
 def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
@@ -240,14 +287,11 @@ def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
 
 
 def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
-    """Search methods score what the row samples (its guidance and steps); best-of-n gets the
-    scorer budget Noise Diffusion used earlier in the same run."""
-    if spec.method not in ("noise-diffusion", "best-of-n"):
-        return {}
-    opts: dict[str, Any] = {"cfg": spec.cfg, "pag": spec.pag, "steps": spec.steps,
-                            "guidance_start": spec.start, "guidance_stop": spec.stop, "auto": spec.auto}
+    """The row's method options; best-of-n, unless its row names a budget, gets the scorer budget
+    Noise Diffusion used earlier in the same run (the equal-budget comparison of its paper)."""
+    opts = dict(spec.options)
     nd = [r for r in results if r["method"] == "noise-diffusion" and "scorer_calls_per_image" in r]
-    if spec.method == "best-of-n" and nd:
+    if spec.method == "best-of-n" and nd and "budget" not in opts:
         opts["budget"] = max(1, round(nd[-1]["scorer_calls_per_image"]))
     return opts
 
@@ -279,6 +323,20 @@ def format_real_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{meta['sampler']}, batch {meta['batch_size']}, on {meta['device']}; time ratio is to "
             f"`{meta['reference_row']}`.\n")
     return head + body + note
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How a world is benchmarked: its default rows, its row scores and its table."""
+
+    rows: str
+    score: Callable[[Backbone, str | None], Callable[[torch.Tensor, list[str]], dict[str, float]]]
+    table: Callable[[list[dict[str, Any]], dict[str, Any]], str]
+
+
+SUITES = {"shapes16": Suite(DEFAULT_ROWS, _judge_score, format_table)}
+"""Suites by the backbone's `world`; any other model is benchmarked as a real model."""
+REAL_MODEL_SUITE = Suite(REAL_MODEL_ROWS, _real_score, format_real_table)
 
 
 def _subset(row: dict[str, Any], meta: dict[str, Any]) -> str:
