@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from noiserefine.backbones.shapes16 import Shapes16Backbone
+from noiserefine.checkpoint import read_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance, Teacher
 from noiserefine.io import load_tensors
@@ -123,8 +124,7 @@ def test_targets_from_another_base_model_are_refused(targets_dir, tmp_path):
 def test_every_loss_reduces_its_objective(targets_dir, tmp_path, loss):
     cfg = TrainConfig(steps=6, batch_size=7, msd_steps=2, rank=4, lr=3e-3, loss=loss, checkpoint_every=100)
     train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path / loss, cfg, progress=False)
-    import json
-    losses = json.loads((tmp_path / loss / "checkpoint" / "state.json").read_text())["losses"]
+    losses = read_checkpoint(tmp_path / loss / "checkpoint")["losses"]
     assert losses[-1] < losses[0]
 
 
