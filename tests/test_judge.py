@@ -111,3 +111,36 @@ def test_train_judge_writes_weights_and_config(tmp_path):
     torch.manual_seed(3)  # the initialisation train_judge starts from
     initial = Judge("heldout")
     assert not torch.equal(load_judge("heldout", path).heads["color"].weight, initial.heads["color"].weight)
+
+
+def test_judge_training_resumes_after_a_kill_without_redoing_steps(tmp_path, monkeypatch):
+    """A killed judge training resumes from its checkpoint (steps before it are not redone), ends
+    with the uninterrupted run's weights, and every step trains at the recipe's rate: torch's
+    CosineAnnealingLR over `steps`, as the shipped judges were trained (up to float rounding)."""
+    import noiserefine.evaluation.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "CHECKPOINT_EVERY", 2)
+    real_step, seen = judge_module._judge_step, []
+
+    def recording(judge, opt, seed, step):
+        if step == 3 and len(seen) == 3:
+            raise KeyboardInterrupt  # the first "b" run dies before step 3, after the checkpoint of step 2
+        seen.append((step, opt.param_groups[0]["lr"]))
+        return real_step(judge, opt, seed, step)
+
+    straight = train_judge("primary", seed=1, steps=5, out=tmp_path / "a")
+    monkeypatch.setattr(judge_module, "_judge_step", recording)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge("primary", seed=1, steps=5, out=tmp_path / "b")
+    resumed = train_judge("primary", seed=1, steps=5, out=tmp_path / "b")
+    assert [step for step, _ in seen] == [0, 1, 2, 2, 3, 4]
+    a, b = load_judge("primary", straight).state_dict(), load_judge("primary", resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt = torch.optim.AdamW(Judge("primary").parameters(), lr=2e-3)
+    annealing, recipe = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5), []
+    for _ in range(5):
+        recipe.append(opt.param_groups[0]["lr"])
+        opt.step()
+        annealing.step()
+    for step, lr in seen:
+        assert lr == pytest.approx(recipe[step], rel=0, abs=1e-18), step

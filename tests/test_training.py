@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -98,12 +99,30 @@ def test_training_resume_after_kill_equals_uninterrupted_run(targets_dir, tmp_pa
     assert moved
 
 
-def test_cosine_schedule():
-    from noiserefine.train import learning_rate
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rates_follow_the_recipe_through_a_kill(targets_dir, tmp_path, monkeypatch, schedule):
+    """Every step, uninterrupted or resumed, trains at the recipe's rate: lr, or the cosine decay
+    lr (1 + cos(pi step / steps)) / 2 of the shipped recipes (up to float rounding)."""
+    import noiserefine.train as train_module
 
-    cfg = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine")
-    assert learning_rate(cfg, 0) == 1e-3 and abs(learning_rate(cfg, 50) - 5e-4) < 1e-12
-    assert 0 < learning_rate(cfg, 99) < 1e-6 and learning_rate(TrainConfig(lr=2e-4), 77) == 2e-4
+    cfg = TrainConfig(steps=5, batch_size=2, msd_steps=1, rank=4, checkpoint_every=2, lr=1e-3, lr_schedule=schedule)
+    real_step, seen = train_module._train_step, []
+
+    def recording(objective, opt, params, data, inv, cfg, step, acc):
+        if step == 3 and len(seen) == 3:
+            raise KeyboardInterrupt  # the first run dies before step 3; its checkpoint is step 2's
+        seen.append((step, opt.param_groups[0]["lr"]))
+        return real_step(objective, opt, params, data, inv, cfg, step, acc)
+
+    monkeypatch.setattr(train_module, "_train_step", recording)
+    with pytest.raises(KeyboardInterrupt):
+        train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path, cfg, progress=False)
+    train_refiner(Shapes16Backbone.create(0), targets_dir, tmp_path, cfg, progress=False)
+    assert [step for step, _ in seen] == [0, 1, 2, 2, 3, 4]
+    for step, lr in seen:
+        recipe = 1e-3 if schedule == "constant" else 1e-3 * 0.5 * (1 + math.cos(math.pi * step / 5))
+        assert lr == pytest.approx(recipe, rel=0, abs=1e-18), step
+    assert seen[2] == seen[3]  # step 2 redone after the kill, at the same rate
 
 
 def test_resume_with_another_config_is_refused(targets_dir, tmp_path):

@@ -13,9 +13,7 @@ run equals a 1-process run up to float reduction order.
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -27,13 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
-from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.io import load_tensors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
 from noiserefine.sampling import denoise, make_scheduler
 from noiserefine.targets import TargetSet, load_targets
+from noiserefine.training_loop import LoopSettings, run_training_loop
 
 LossName = Literal["msd", "full", "noise"]
 
@@ -93,6 +91,10 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision=_mixed_precision(cfg, backbone))
     out = Path(out)
+    loop = LoopSettings(out / "checkpoint", cfg.steps, lr_schedule=cfg.lr_schedule,
+                        checkpoint_every=cfg.checkpoint_every, config=_comparable(cfg), desc=f"train ({cfg.loss})",
+                        progress=progress, is_main_process=acc.is_main_process,
+                        wait_for_everyone=acc.wait_for_everyone)
     data = load_targets(targets, cfg.keep_fraction)
     _check_base(data, backbone)
     if cfg.batch_size % acc.num_processes:
@@ -115,27 +117,14 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     objective, opt = acc.prepare(objective, opt)
     inv = _inversion_noise(backbone, data, cfg) if cfg.loss == "noise" else None
-    ckpt_modules = {"refiner": _RefinerState(refiner)}
-    check_resume_config(out / "checkpoint", _comparable(cfg))
-    meta = load_checkpoint(out / "checkpoint", ckpt_modules, opt)
-    start, losses = (meta["step"], meta["losses"]) if meta else (0, [])
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.loss})",
-               disable=not (progress and acc.is_main_process))
-    t0 = time.time()
-    for step in bar:
-        loss = _train_step(objective, opt, params, data, inv, cfg, step, acc)
-        losses.append(loss)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if acc.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out / "checkpoint", step + 1, ckpt_modules, opt,
-                            {"losses": losses, "config": _comparable(cfg)})
-        acc.wait_for_everyone()
+    run = run_training_loop(loop, {"refiner": _RefinerState(refiner)}, opt,
+                            lambda step: _train_step(objective, opt, params, data, inv, cfg, step, acc))
     path = out / "refiner.safetensors"
     if acc.is_main_process:
         refiner.save(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
-                            "final_loss_avg20": float(np.mean(losses[-20:])),
-                            "train_seconds_this_run": round(time.time() - t0, 1)})
+                            "final_loss_avg20": float(np.mean(run.losses[-20:])),
+                            "train_seconds_this_run": round(run.seconds, 1)})
     acc.wait_for_everyone()
     return path
 
@@ -153,20 +142,8 @@ def _train_step(objective, opt, params, data: TargetSet, inv, cfg: TrainConfig, 
     acc.backward(loss)
     if cfg.grad_clip:
         acc.clip_grad_norm_(params, cfg.grad_clip)
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(cfg, step)
-    opt.step()
+    opt.step()  # at the learning rate of `step`, set by the training loop's schedule
     return float(acc.reduce(loss.detach(), reduction="mean"))
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The learning rate of optimizer step `step` (0-based): a pure function of the step, so a
-    resumed run repeats the uninterrupted one."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-    raise NoiseRefineError(f"unknown lr schedule {cfg.lr_schedule!r}; choose constant or cosine")
 
 
 def _inversion_noise(backbone: Backbone, data: TargetSet, cfg: TrainConfig) -> torch.Tensor:

@@ -7,18 +7,16 @@ resumes from its last checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from noiserefine.backbones.shapes16 import NOISE_SCHEDULES, Shapes16Backbone
-from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
+from noiserefine.training_loop import LoopSettings, run_training_loop
 from noiserefine.world.shapes16 import random_prompts, render
 
 
@@ -65,47 +63,48 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> Path:
-    """Train (or resume) the base model; writes `out/shapes16-base.safetensors` (EMA weights)."""
+    """Train (or resume) the base model; writes `out/shapes16-base.safetensors` (EMA weights).
+    Constant learning rate `cfg.lr`; atomic checkpoints under `out/checkpoint`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     schedule = NOISE_SCHEDULES[cfg.noise_schedule]
     model = Shapes16Backbone.create(cfg.seed, schedule)
     unet, enc = model.denoiser, model.prompt_encoder
     ema = copy.deepcopy(torch.nn.ModuleDict({"unet": unet, "enc": enc})).requires_grad_(False)
-    params = list(unet.parameters()) + list(enc.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(enc.parameters()), lr=cfg.lr)
     noise_sched = DDPMScheduler.from_config(schedule)
-    modules = {"unet": unet, "enc": enc, "ema": ema}
-    check_resume_config(out / "checkpoint", asdict(cfg), _MAY_CHANGE_ON_RESUME)
-    meta = load_checkpoint(out / "checkpoint", modules, opt)
-    start = meta["step"] if meta else 0
-    losses: list[float] = meta.get("losses", []) if meta else []
-    t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-base")
-    for step in bar:
-        images, texts = _batch(cfg, step)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        noise = torch.randn(images.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (images.shape[0],), generator=gen)
-        x_t = noise_sched.add_noise(images, noise, t)
-        target = noise_sched.get_velocity(images, noise, t)
-        pred = unet(x_t, t, encoder_hidden_states=enc(model.prompt_encoder.tokenize(texts))).sample
-        loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema, torch.nn.ModuleDict({"unet": unet, "enc": enc}), decay)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out / "checkpoint", step + 1, modules, opt, {"losses": losses, "config": asdict(cfg)})
+
+    def step_fn(step: int) -> float:
+        loss = _base_step(model, opt, noise_sched, cfg, step)
+        _ema_update(ema, torch.nn.ModuleDict({"unet": unet, "enc": enc}), min(cfg.ema_decay, (1 + step) / (10 + step)))
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
             (out / "snapshots").mkdir(exist_ok=True)
             Shapes16Backbone(copy.deepcopy(ema["unet"]), copy.deepcopy(ema["enc"]), scheduler_config=schedule).save(
                 out / "snapshots" / f"shapes16-base-step{step + 1}.safetensors", {"training": asdict(cfg), "step": step + 1})
+        return loss
+
+    loop = LoopSettings(out / "checkpoint", cfg.steps, checkpoint_every=cfg.checkpoint_every, config=asdict(cfg),
+                        may_change=_MAY_CHANGE_ON_RESUME, desc="train-base", progress=progress, window=50)
+    run = run_training_loop(loop, {"unet": unet, "enc": enc, "ema": ema}, opt, step_fn)
     final = Shapes16Backbone(ema["unet"], ema["enc"], scheduler_config=schedule)
     path = out / "shapes16-base.safetensors"
-    final.save(path, {"training": asdict(cfg), "final_loss_avg50": float(np.mean(losses[-50:])),
-                      "train_seconds_this_run": round(time.time() - t0, 1)})
+    final.save(path, {"training": asdict(cfg), "final_loss_avg50": float(np.mean(run.losses[-50:])),
+                      "train_seconds_this_run": round(run.seconds, 1)})
     return path
+
+
+def _base_step(model: Shapes16Backbone, opt: torch.optim.Optimizer, noise_sched: DDPMScheduler,
+               cfg: BaseTrainConfig, step: int) -> float:
+    """One v-prediction step on the batch and noise of `step` (generators seeded by the step)."""
+    images, texts = _batch(cfg, step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    noise = torch.randn(images.shape, generator=gen)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (images.shape[0],), generator=gen)
+    x_t = noise_sched.add_noise(images, noise, t)
+    target = noise_sched.get_velocity(images, noise, t)
+    pred = model.denoiser(x_t, t, encoder_hidden_states=model.prompt_encoder(model.prompt_encoder.tokenize(texts))).sample
+    loss = torch.nn.functional.mse_loss(pred, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import trange
 
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import ensure_out_dir, load_tensors, save_tensors, shipped_path, write_json
+from noiserefine.training_loop import LoopSettings, run_training_loop
 from noiserefine.world.shapes16 import (
     COLORS, IMAGE_SIZE, POSITIONS, SHAPES, Prompt, parse_prompt, random_prompts, render,
 )
@@ -29,6 +29,7 @@ BATCH_SIZE = 128
 LEARNING_RATE = 2e-3
 MAX_NOISE_STD = 0.2  # augmentation: generated images are slightly noisy, renders are not
 EVAL_SIZE = 2000
+CHECKPOINT_EVERY = 500  # steps between the training checkpoints (a killed training resumes)
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1  # disjoint generator streams for training and held-out renders
 
 
@@ -159,31 +160,28 @@ def _heldout_accuracy(judge: Judge, seed: int) -> dict[str, float]:
 
 
 def train_judge(kind: str, seed: int, steps: int, out: Path, progress: bool = False) -> Path:
-    """Train a judge on fresh renders; writes `out/judge-{kind}.safetensors` and a JSON config beside it.
+    """Train (or resume) a judge on fresh renders; writes `out/judge-{kind}.safetensors` and a JSON
+    config beside it, atomic checkpoints under `out/judge-{kind}-checkpoint`.
 
     Args:
         kind: "primary" or "heldout" (architecture).
         seed: initialisation and data seed.
-        steps: optimiser steps of batch 128 (AdamW, cosine decay).
+        steps: optimiser steps of batch 128 (AdamW, cosine decay to 0 over `steps`).
         out: output folder (its parent must exist).
         progress: show a progress bar.
     Returns:
         The path of the safetensors file.
     """
     _check_kind(kind)
+    loop = LoopSettings(Path(out) / f"judge-{kind}-checkpoint", steps, lr_schedule="cosine",
+                        checkpoint_every=CHECKPOINT_EVERY, desc=f"judge-{kind}", progress=progress,
+                        config={"kind": kind, "seed": seed, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
+                                "max_noise_std": MAX_NOISE_STD})
     out = ensure_out_dir(out)
     torch.manual_seed(seed)
     judge = Judge(kind)
     opt = torch.optim.AdamW(judge.parameters(), lr=LEARNING_RATE)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    for step in trange(steps, disable=not progress, desc=f"judge-{kind}"):
-        images, labels = _noisy_batch(seed, step)
-        logits = judge.logits(images)
-        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    run_training_loop(loop, {"judge": judge}, opt, lambda step: _judge_step(judge, opt, seed, step))
     judge.eval()
     path = out / f"judge-{kind}.safetensors"
     save_tensors(path, judge.state_dict())
@@ -194,6 +192,17 @@ def train_judge(kind: str, seed: int, steps: int, out: Path, progress: bool = Fa
         "heldout_size": EVAL_SIZE,
     })
     return path
+
+
+def _judge_step(judge: Judge, opt: torch.optim.Optimizer, seed: int, step: int) -> float:
+    """One step of summed cross-entropy over the attributes on the renders of `step`."""
+    images, labels = _noisy_batch(seed, step)
+    logits = judge.logits(images)
+    loss = sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def load_judge(kind: str = "primary", path: Path | None = None) -> Judge:
