@@ -4,6 +4,7 @@
   keeps a graph back to z through the sampler's update algebra only (model outputs constant), so
   dscore/dz has a closed form for a linear scorer;
 - `encode`: the empty prompt's conditioning only when CFG is on;
+- `Candidates.draw`: (rows, count, *shape) FRESH standard-normal noises (a second draw is new);
 - `best_of_n`: n scorer calls and n * sampling.nfe denoiser evaluations per image, candidates
   sampled with the caller's guidance (the chosen noise's image is the one that was scored), n >= 1.
 """
@@ -18,7 +19,7 @@ from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions
 from noiserefine.guidance import Guidance
-from noiserefine.methods.search import best_of_n, encode, sample_and_score
+from noiserefine.methods.search import Candidates, best_of_n, encode, sample_and_score
 from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
 
 PROMPTS = ["a red circle on the left", "a blue square on the top", "a yellow triangle on the bottom"]
@@ -84,6 +85,14 @@ def test_encode_adds_the_empty_prompt_only_for_cfg(backbone):
                                           backbone.encode_prompts(PROMPTS)["encoder_hidden_states"])
     _, uncond = encode(backbone, PROMPTS, CFG)
     assert torch.equal(uncond["encoder_hidden_states"], backbone.encode_prompts([""] * 3)["encoder_hidden_states"])
+
+
+def test_candidate_draws_are_fresh_standard_normal_noises():
+    stream = Candidates(noise_for_seeds([0, 1], (3, 16, 16)))
+    first, second = stream.draw([1], 4), stream.draw([1], 4)
+    assert first.shape == (1, 4, 3, 16, 16) and not torch.equal(first, second)
+    many = stream.draw([0], 200)
+    assert abs(many.mean().item()) < 0.02 and abs(many.std().item() - 1) < 0.02
 
 
 def test_best_of_n_cost_and_guidance_of_the_scored_samples(backbone):
