@@ -1,4 +1,4 @@
-"""The shapes16 world (DESIGN.md section 3) and its PNG export."""
+"""The shapes16 world (docs/world.md, sections 1-3 and the check values of section 7) and its PNG export."""
 
 import json
 
@@ -51,6 +51,27 @@ def test_pixel_coordinates_left_is_columns_top_is_rows():
         rows, cols = np.nonzero(_painted(image, RED))
         assert rows.mean() < 6 and not (rows >= 12).any()  # v = i / 15 grows downwards
         assert cols.mean() == pytest.approx(7.5, abs=1.5)
+
+
+def test_check_values_of_docs_world_md():
+    """docs/world.md section 7: what a re-implementation of the renderer must reproduce."""
+    from noiserefine.world.shapes16 import POSITIONS, _shape_mask
+
+    grid = np.arange(16) / 15
+    u, v = np.meshgrid(grid, grid)
+    for anchor in POSITIONS.values():
+        counts = {s: int(_shape_mask(s, u, v, *anchor, 0.19).sum()) for s in ("circle", "square", "triangle")}
+        assert counts == {"circle": 24, "square": 16, "triangle": 14}
+    rows, cols = np.nonzero(_shape_mask("triangle", u, v, 0.5, 0.5, 0.19))
+    assert {i: sorted(cols[rows == i].tolist()) for i in set(rows.tolist())} == {
+        6: [7, 8], 7: [7, 8], 8: [6, 7, 8, 9], 9: [5, 6, 7, 8, 9, 10]}
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(3, rng)
+    assert [p.text for p in prompts] == ["a yellow square on the left", "a blue square on the top",
+                                         "a blue circle on the left"]
+    np.testing.assert_allclose(render(prompts, rng).sum(axis=(1, 2, 3)), [-444.6, -487.6, -475.6], atol=0.01)
+    assert ALL_PROMPTS[:5] == ("a red circle on the left", "a red circle on the right", "a red circle on the top",
+                               "a red circle on the bottom", "a red square on the left")
 
 
 def test_the_48_prompts_are_distinct_and_parse_back():

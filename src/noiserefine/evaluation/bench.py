@@ -1,4 +1,4 @@
-"""`noiserefine bench` (DESIGN.md section 4): every method in ONE process, on the same prompts
+"""`noiserefine bench` (docs/world.md section 6): every method in ONE process, on the same prompts
 and seeds, with time per image, model evaluations, memory, adherence and FD under two judges.
 
 A row is written `method[@opt+opt...]`, options `cfgW`, `pagS`, `autoA` (autoguidance with the

@@ -1,7 +1,7 @@
 """The shapes16 judge: a classifier of color, shape and position that grades generated images.
 
 It plays the roles that CLIP/VQA scorers and Inception features play for real text-to-image
-models (DESIGN.md section 4): prompt adherence (all three attributes right), a differentiable
+models (docs/world.md sections 5-6): prompt adherence (all three attributes right), a differentiable
 prompt probability (the scorer Noise Diffusion optimises, its Eq. for s(x_0, c)), and the feature
 vector for the Frechet distance. Two architectures exist so that a method optimised against the
 "primary" judge can still be graded by a "heldout" judge it never saw.

@@ -1,4 +1,4 @@
-"""Benchmark figures (DESIGN.md section 4): prompt adherence, per-attribute accuracy and the
+"""Benchmark figures (docs/world.md section 6): prompt adherence, per-attribute accuracy and the
 Frechet distance of judge features against 2,000 fixed real renders.
 
 The Frechet distance between Gaussians N(mu_a, S_a) and N(mu_b, S_b) is

@@ -1,4 +1,4 @@
-"""The embedded shapes16 world (DESIGN.md section 3): renderer, prompt grammar, prompt encoder."""
+"""The embedded shapes16 world (docs/world.md): renderer, prompt grammar, prompt encoder."""
 
 from noiserefine.world.shapes16 import (
     ALL_PROMPTS,

@@ -1,6 +1,6 @@
 """shapes16: one colored shape on a 16 x 16 canvas, described by a 6-word prompt.
 
-The definition is fixed by DESIGN.md section 3 (colors, anchors, jitter, sizes, shape tests);
+The definition is fixed by docs/world.md sections 1-3 (colors, anchors, jitter, sizes, shape tests);
 images are built in [0, 1] and returned as 2 * value - 1, in [-1, 1], shape (3, 16, 16).
 """
 
