@@ -77,14 +77,17 @@ def ensure_out_dir(path: Path) -> Path:
     return path
 
 
-def state_hash(module: torch.nn.Module) -> str:
-    """sha256 (first 16 hex digits) over a module's own weights, in name order.
+def state_hash(module: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """sha256 (first 16 hex digits) over a module's own weights, in name order; with `dtype`, over
+    its floating-point weights rounded to `dtype` (other tensors as they are).
 
     LoRA weights are skipped and peft's `.base_layer` renaming undone, so a model hashes the same
     with or without a refiner attached."""
     h = hashlib.sha256()
     state = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
     for name, t in sorted(state.items()):
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

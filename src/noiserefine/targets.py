@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from noiserefine.backbones.base import Backbone
+from noiserefine.backbones.base import Backbone, same_model
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance
 from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, write_json
@@ -128,7 +128,8 @@ def _check_or_write_manifest(out: Path, spec: TargetSpec, backbone: Backbone) ->
     record = {"spec": asdict(spec), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)}
     path = out / "manifest.json"
     if path.is_file():
-        if _read_manifest(out) != record:
+        found = _read_manifest(out)
+        if {**found, "base": None} != {**record, "base": None} or not same_model(found["base"], record["base"]):
             raise NoiseRefineError(f"{out} holds targets of another spec or base model; use a new folder")
         return
     write_json(path, record)
@@ -159,7 +160,7 @@ def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> 
     parts = [_load_folder(f) for f in folders]
     manifest = parts[0][2]
     for folder, (_, _, other) in zip(folders[1:], parts[1:]):
-        if _teacher_of(other) != _teacher_of(manifest):
+        if not same_model(other["base"], manifest["base"]) or _teacher_of(other) != _teacher_of(manifest):
             raise NoiseRefineError(f"{folder} was made by another base model or teacher than {folders[0]}")
     data = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
     prompts = [prompt for p in parts for prompt in p[1]]
@@ -190,5 +191,5 @@ def _read_manifest(folder: Path) -> dict:
 
 def _teacher_of(manifest: dict) -> tuple:
     spec = manifest["spec"]
-    return (manifest["base"], manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
+    return (manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
             spec["scheduler"], spec["score"], spec["guidance_start"], spec["guidance_stop"])

@@ -8,24 +8,34 @@ backbone of the same family that autoguidance extrapolates away from (`attach_gu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
+from noiserefine.backbones.pag import PerturbState, perturbed
 from noiserefine.errors import NoiseRefineError
+from noiserefine.io import state_hash
 
 Cond = dict[str, torch.Tensor]
 """Conditioning: named tensors, batch-first (e.g. `encoder_hidden_states`, `class_labels`)."""
 
+ROUNDED_HASHES: dict[str, torch.dtype] = {"weights_sha256_fp16": torch.float16, "weights_sha256_bf16": torch.bfloat16}
+"""Fingerprint keys hashing the weights rounded to a dtype (`model_fingerprint`)."""
+
 
 class DenoiserBackboneMixin:
-    """The protocol members every adapter derives the same way from `self.denoiser` and the PAG
-    state `self._pag` that `pag.install_pag_processors` returned."""
+    """The protocol members every adapter derives the same way from `self.denoiser`, its
+    `architecture` and the PAG state `self._pag` that `pag.install_pag_processors` returned."""
 
     denoiser: nn.Module
+    architecture: str  # the model family and its configuration: the fingerprint's first half
+    _pag: PerturbState
     guide: "Backbone | None" = None  # the weaker model autoguidance extrapolates away from
+    _fingerprint: tuple[torch.dtype, dict[str, str]] | None = None  # (dtype it was computed in, fingerprint)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -36,9 +46,53 @@ class DenoiserBackboneMixin:
         return self.denoiser.device
 
     def perturbed_attention(self, mask: torch.Tensor | None) -> AbstractContextManager[None]:
-        from noiserefine.backbones.pag import perturbed
-
         return perturbed(self._pag, mask)
+
+    def fingerprint(self) -> dict[str, str]:
+        """`model_fingerprint` of the denoiser, computed once per dtype (hashing a large model takes
+        seconds; its weights are frozen, converting it changes the exact-bytes hash)."""
+        if self._fingerprint is None or self._fingerprint[0] != self.dtype:
+            self._fingerprint = (self.dtype, model_fingerprint(self.architecture, self.denoiser))
+        return self._fingerprint[1]
+
+
+def batch_timesteps(t: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
+    """A timestep (scalar, or one per sample) as one per sample of `x_t`, on its device: what a
+    denoiser's `timestep` argument takes."""
+    return torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """8 hex digits over a model's public config entries (the architecture, not the file it came from)."""
+    public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def model_fingerprint(architecture: str, denoiser: nn.Module) -> dict[str, str]:
+    """What refiners, NPNets and target sets record of the model they were made with.
+
+    `weights_sha256` hashes the weights' bytes as they are (so it changes with the dtype); records
+    written before the other two keys existed hold only it. `weights_sha256_fp16` / `_bf16` hash the
+    weights rounded to fp16 / bf16, so the same weights loaded in another dtype keep one of them:
+    fp32 weights loaded in fp16 round to the same fp16 values, loaded in bf16 to the same bf16
+    values, and weights stored in fp16 give the same bf16 hash whatever dtype they are loaded in.
+    Not kept: fp16 and bf16 loadings of fp32 weights (rounding through fp16 first moves about 6% of
+    the bf16 values by one step, so no rounding can make them agree); they need `force`.
+    """
+    return {"architecture": architecture, "weights_sha256": state_hash(denoiser),
+            **{key: state_hash(denoiser, dtype) for key, dtype in ROUNDED_HASHES.items()}}
+
+
+def same_model(recorded: Mapping[str, str], fingerprint: Mapping[str, str]) -> bool:
+    """Whether two `model_fingerprint`s name the same model: the same architecture and the same
+    weights in a precision both hash (fp16 or bf16). A record without those hashes (written before
+    they existed) is compared by its exact-bytes `weights_sha256`. The one fingerprint comparison."""
+    if recorded.get("architecture") != fingerprint.get("architecture"):
+        return False
+    if all(key in recorded and key in fingerprint for key in ROUNDED_HASHES):
+        return any(recorded[key] == fingerprint[key] for key in ROUNDED_HASHES)
+    exact = recorded.get("weights_sha256")
+    return exact is not None and exact == fingerprint.get("weights_sha256")
 
 
 def pixel_resolution(resolution: int | tuple[int, int] | None, sample_size: int | Sequence[int],
@@ -117,4 +171,5 @@ class Backbone(Protocol):
         """Images in [-1, 1], (B, 3, H, W)."""
 
     def fingerprint(self) -> dict[str, str]:
-        """Architecture name and a hash of the denoiser weights: refiners record what they fit."""
+        """Architecture name and hashes of the denoiser weights (`model_fingerprint`): refiners
+        record what they fit; `same_model` compares two."""

@@ -24,11 +24,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, vae_decode
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, batch_timesteps, config_hash, vae_decode
 from noiserefine.backbones.pag import install_pag_processors
-from noiserefine.backbones.stable_diffusion import _config_hash
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import state_hash
 
 # As diffusers' PixArt / SD3 PAG pipelines ("blocks.1", the 2nd transformer block); our layer
 # matcher does not let it match transformer_blocks.10-19 as diffusers' regex does.
@@ -56,7 +54,6 @@ class DiTBackbone(DenoiserBackboneMixin):
             raise NoiseRefineError(f"label ids outside 0..{self.num_classes - 1}: {dict(list(bad.items())[:3])}")
         self.pag_layers = tuple(pag_layers)
         self._pag = install_pag_processors(transformer, self.pag_layers)
-        self._fingerprint: dict[str, str] | None = None
         self.refiner_defaults: dict[str, Any] = {
             "output_layer": "proj_out_2",
             # DiT has no shared time embedding: block 0's AdaLN embedding also conditions the final
@@ -92,6 +89,10 @@ class DiTBackbone(DenoiserBackboneMixin):
         return self
 
     # -- protocol -----------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return f"{'sit' if self.flow else 'dit'}-{config_hash(self.denoiser.config)}"
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         size = self.denoiser.config.sample_size
@@ -130,20 +131,12 @@ class DiTBackbone(DenoiserBackboneMixin):
         if self.denoiser.training and emb.dropout_prob > 0:
             raise NoiseRefineError("the DiT is in training mode, where it drops class labels at random; "
                                    "call backbone.eval() (the refiner trains LoRA weights, never label dropout)")
-        t = torch.as_tensor(t, device=x_t.device)
+        t = batch_timesteps(t, x_t)
         if self.flow:
             t = 1.0 - t.float() / self.scheduler_config.get("num_train_timesteps", 1000)
-        t = t.reshape(-1).expand(x_t.shape[0])
         out = self.denoiser(x_t, timestep=t, class_labels=cond["class_labels"]).sample
         out = out[:, : x_t.shape[1]]  # learned sigma: the variance channels are not the prediction
         return -out if self.flow else out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return vae_decode(self.vae, latents)
-
-    def fingerprint(self) -> dict[str, str]:
-        if self._fingerprint is None:
-            kind = "sit" if self.flow else "dit"
-            self._fingerprint = {"architecture": f"{kind}-{_config_hash(self.denoiser.config)}",
-                                 "weights_sha256": state_hash(self.denoiser)}
-        return self._fingerprint

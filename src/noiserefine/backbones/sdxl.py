@@ -22,11 +22,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, pixel_resolution
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, batch_timesteps, config_hash, pixel_resolution
 from noiserefine.backbones.pag import install_pag_processors
-from noiserefine.backbones.stable_diffusion import _config_hash
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import state_hash
 
 DEFAULT_PAG_LAYERS = ("mid",)  # diffusers' StableDiffusionXLPAGPipeline default
 
@@ -64,7 +62,6 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
         self.resolution = pixel_resolution(resolution, unet.config.sample_size, self.vae_scale_factor)
         self._check_time_ids()
         self._pag = install_pag_processors(unet, self.pag_layers)
-        self._fingerprint: dict[str, str] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -108,6 +105,10 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
 
     # -- protocol -----------------------------------------------------------------------------
     @property
+    def architecture(self) -> str:
+        return f"sdxl-unet-{config_hash(self.denoiser.config)}"
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
         h, w = self.resolution
         return (self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
@@ -150,9 +151,8 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
                 "time_ids": self.add_time_ids.to(embeds.dtype).expand(len(prompts), -1)}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
+        return self.denoiser(x_t, batch_timesteps(t, x_t), encoder_hidden_states=cond["encoder_hidden_states"],
                              added_cond_kwargs=added).sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -175,9 +175,3 @@ class StableDiffusionXLBackbone(DenoiserBackboneMixin):
             return self.vae.decode(latents).sample
         finally:
             self.vae.to(torch.float16)
-
-    def fingerprint(self) -> dict[str, str]:
-        if self._fingerprint is None:
-            self._fingerprint = {"architecture": f"sdxl-unet-{_config_hash(self.denoiser.config)}",
-                                 "weights_sha256": state_hash(self.denoiser)}
-        return self._fingerprint

@@ -1,5 +1,6 @@
 """The embedded shapes16 backbone: a small diffusers UNet2DConditionModel in pixel space with a
-learned 3-token prompt embedding (DESIGN.md section 3). Decoding is the identity."""
+learned 3-token prompt embedding (docs/world.md describes the world and this model). Decoding is
+the identity."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from noiserefine.backbones.pag import install_pag_processors
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, attach_guide
+from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, attach_guide, batch_timesteps
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import load_tensors, read_json, save_tensors, shipped_path, state_hash, write_json
+from noiserefine.io import load_tensors, read_json, save_tensors, shipped_path, write_json
 from noiserefine.world.shapes16 import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt
 
 UNET_CONFIG: dict[str, Any] = {
@@ -90,7 +91,6 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         self.prompt_encoder = prompt_encoder
         self.pag_layers = tuple(pag_layers)
         self._pag = install_pag_processors(unet, self.pag_layers)
-        self._fingerprint: dict[str, str] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -137,6 +137,10 @@ class Shapes16Backbone(DenoiserBackboneMixin):
 
     # -- protocol -----------------------------------------------------------------------------
     @property
+    def architecture(self) -> str:
+        return self.name
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
         return (3, IMAGE_SIZE, IMAGE_SIZE)
 
@@ -145,16 +149,10 @@ class Shapes16Backbone(DenoiserBackboneMixin):
         return {"encoder_hidden_states": self.prompt_encoder(ids).to(self.dtype)}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        return self.denoiser(x_t, batch_timesteps(t, x_t), encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
-
-    def fingerprint(self) -> dict[str, str]:
-        if self._fingerprint is None:
-            self._fingerprint = {"architecture": self.name, "weights_sha256": state_hash(self.denoiser)}
-        return self._fingerprint
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ pipeline does for `output_type != "latent"`. Oracle tests hold it to the pipelin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from typing import Any, Sequence
 
@@ -17,10 +15,10 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
-from noiserefine.backbones.base import Cond, DenoiserBackboneMixin, pixel_resolution, vae_decode
+from noiserefine.backbones.base import (Cond, DenoiserBackboneMixin, batch_timesteps, config_hash, pixel_resolution,
+                                        vae_decode)
 from noiserefine.backbones.pag import install_pag_processors
 from noiserefine.errors import NoiseRefineError
-from noiserefine.io import state_hash
 
 
 class StableDiffusionBackbone(DenoiserBackboneMixin):
@@ -47,7 +45,6 @@ class StableDiffusionBackbone(DenoiserBackboneMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = pixel_resolution(resolution, unet.config.sample_size, self.vae_scale_factor)
         self._pag = install_pag_processors(unet, self.pag_layers)
-        self._fingerprint: dict[str, str] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -79,6 +76,10 @@ class StableDiffusionBackbone(DenoiserBackboneMixin):
 
     # -- protocol -----------------------------------------------------------------------------
     @property
+    def architecture(self) -> str:
+        return f"sd-unet-{config_hash(self.denoiser.config)}"
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
         h, w = self.resolution
         return (self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
@@ -103,20 +104,7 @@ class StableDiffusionBackbone(DenoiserBackboneMixin):
         return {"encoder_hidden_states": hidden.to(dtype=self.text_encoder.dtype, device=device)}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        return self.denoiser(x_t, batch_timesteps(t, x_t), encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return vae_decode(self.vae, latents)
-
-    def fingerprint(self) -> dict[str, str]:
-        if self._fingerprint is None:
-            self._fingerprint = {"architecture": f"sd-unet-{_config_hash(self.denoiser.config)}",
-                                 "weights_sha256": state_hash(self.denoiser)}
-        return self._fingerprint
-
-
-def _config_hash(config: dict[str, Any]) -> str:
-    """8 hex digits over the public config entries (the architecture, not the file it came from)."""
-    public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from noiserefine.backbones.base import Backbone, Cond
+from noiserefine.backbones.base import Backbone, Cond, same_model
 from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance, guided_prediction
@@ -157,7 +157,8 @@ def _check_or_write_manifest(out: Path, spec: RedenoiseSpec, backbone: Backbone)
     record = {"spec": asdict(spec), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)}
     path = out / "manifest.json"
     if path.is_file():
-        if read_json(path) != record:
+        found = read_json(path)
+        if {**found, "base": None} != {**record, "base": None} or not same_model(found["base"], record["base"]):
             raise NoiseRefineError(f"{out} holds pairs of another spec or base model; use a new folder")
         return
     write_json(path, record)
@@ -354,7 +355,7 @@ class NPNet(nn.Module):
         meta = read_json(path.with_suffix(".json"))
         if meta.get("format") != FORMAT:
             raise NoiseRefineError(f"{path.with_suffix('.json')} is not an NPNet config")
-        if meta["base"] != backbone.fingerprint() and not force:
+        if not same_model(meta["base"], backbone.fingerprint()) and not force:
             raise NoiseRefineError(f"NPNet {path.name} was trained on {meta['base']}, this model is "
                                    f"{backbone.fingerprint()}; pass force=True (--force) to use it anyway")
         net = cls(NPNetConfig(**meta["config"]))
@@ -390,7 +391,7 @@ def train_npnet(backbone: Backbone, pairs: Path, out: Path, cfg: NPNetTrainConfi
     """Train (or resume) NPNet on a pair folder. Writes `out/npnet.safetensors` + JSON; atomic
     checkpoints under `out/checkpoint` every `checkpoint_every` steps."""
     data = load_pairs(pairs, cfg.margin)
-    if data.manifest["base"] != backbone.fingerprint():
+    if not same_model(data.manifest["base"], backbone.fingerprint()):
         raise NoiseRefineError(f"pairs were collected with {data.manifest['base']}, the model here is {backbone.fingerprint()}")
     emb = _prompt_table(backbone, data.prompts)
     train_idx, val_idx = _split(len(data), cfg.val_fraction)

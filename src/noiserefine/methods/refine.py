@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from noiserefine.backbones.base import Backbone, Cond
+from noiserefine.backbones.base import Backbone, Cond, same_model
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import load_tensors, read_json, save_tensors, write_json
 from noiserefine.sampling import check_noise
@@ -209,7 +209,7 @@ class NoiseRefiner(nn.Module):
         if meta.get("format") != FORMAT:
             raise NoiseRefineError(f"{path.with_suffix('.json')} is not a NoiseRefine refiner config")
         base = backbone.fingerprint()
-        if meta["base"] != base and not force:
+        if not same_model(meta["base"], base) and not force:
             raise NoiseRefineError(
                 f"refiner {path.name} was trained on {meta['base']}, this model is {base}; "
                 "pass force=True (--force) to transfer it to a fine-tuned or related model")
