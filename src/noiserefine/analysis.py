@@ -21,6 +21,11 @@ from noiserefine.io import ensure_out_dir, write_json
 from noiserefine.methods.refine import NoiseRefiner
 from noiserefine.sampling import noise_for_seeds
 
+# Seeds of the random pair x' (Fig. 9a: |x_T - x'| beside the refinement's change) are the analysed
+# seeds plus this offset: far enough that x' shares no seed with the analysed noise (the bench's dev
+# seeds, 1,000,000 + k), the bench's test seeds (2,000,000 + k) or training targets (0 to ~10^5).
+PAIR_SEED_OFFSET = 7_919_000
+
 
 def radial_power(x: torch.Tensor, bins: int = 8) -> np.ndarray:
     """Mean |FFT|^2 of (B, C, H, W) tensors in `bins` rings of normalised radius (0 = DC, 1 = corner)."""
@@ -58,7 +63,7 @@ def run_analysis(inputs: AnalysisInputs, out: Path, strengths: Sequence[float] =
     out = ensure_out_dir(out)
     bb = inputs.refiner.backbone
     x_T = noise_for_seeds(inputs.seeds, bb.latent_shape)
-    other = noise_for_seeds([s + 7_919_000 for s in inputs.seeds], bb.latent_shape)
+    other = noise_for_seeds([s + PAIR_SEED_OFFSET for s in inputs.seeds], bb.latent_shape)
     with torch.no_grad():
         delta = inputs.refiner.delta(x_T, bb.encode_prompts(inputs.prompts))
     opts = SamplingOptions(steps=steps)

@@ -45,7 +45,7 @@ class TrainConfig:
     loss: LossName = "msd"
     msd_steps: int = 10
     scheduler: str = "ddim"
-    rank: int = 32
+    rank: int = RefinerConfig.rank  # one default for training and the refiner (refine.DEFAULT_RANK)
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     scale_conditioning: bool = False
     keep_fraction: float = 0.75

@@ -45,6 +45,10 @@ class BaseTrainConfig:
 
 # Fields a resumed run may change: how long it runs and how often it saves.
 _MAY_CHANGE_ON_RESUME = ("steps", "checkpoint_every", "snapshot_every")
+# Step k of a run with seed s draws its noise and timesteps from generator seed s * stride + k: a
+# prime above any run's step count, so no two (seed, step) pairs share a generator. Changing it
+# changes every base model trained from here (the shipped one was trained with it).
+NOISE_SEED_STRIDE = 1_000_003
 
 
 def _batch(cfg: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -97,7 +101,7 @@ def _base_step(model: Shapes16Backbone, opt: torch.optim.Optimizer, noise_sched:
                cfg: BaseTrainConfig, step: int) -> float:
     """One v-prediction step on the batch and noise of `step` (generators seeded by the step)."""
     images, texts = _batch(cfg, step)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(cfg.seed * NOISE_SEED_STRIDE + step)
     noise = torch.randn(images.shape, generator=gen)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (images.shape[0],), generator=gen)
     x_t = noise_sched.add_noise(images, noise, t)

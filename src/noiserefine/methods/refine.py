@@ -39,6 +39,13 @@ ADAPTER = "noiserefine"
 FORMAT = "noiserefine-refiner/1"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2",
                    "time_emb_proj", "ff.net.0.proj", "ff.net.2")
+DEFAULT_RANK = 32  # the shipped refiner's LoRA rank; `train.TrainConfig` takes its default from here
+# Guidance-scale conditioning (appendix A.4): the scale's sinusoidal features are as wide as the
+# frequency features DiT's timestep embedder uses (256), and the scale is multiplied by 100 first so
+# that scales ~1-10 fall in 100-1000, the range of timesteps these frequencies (1 to 1e-4) were laid
+# out for; unscaled, all but the fastest few features would barely change between scales.
+SCALE_FEATURES = 256
+SCALE_MULTIPLIER = 100.0
 
 
 @dataclass
@@ -46,14 +53,18 @@ class RefinerConfig:
     """Architecture of a refiner. `output_layer` names the denoiser's last layer (conv_out for
     diffusers UNets, proj_out_2 for DiT); `timestep` is T, the single input timestep."""
 
-    rank: int = 16
-    alpha: float = 16.0
+    rank: int = DEFAULT_RANK
+    alpha: float | None = None  # LoRA alpha; None: the rank (LoRA scale alpha / rank = 1, as trained)
     target_modules: Sequence[str] = DEFAULT_TARGETS
     output_layer: str = "conv_out"
     timestep: int = 999
     scale_conditioning: bool = False
     time_embedding_layer: str = "time_embedding"
     teacher: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = float(self.rank)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,7 +96,7 @@ class NoiseRefiner(nn.Module):
         self.scale_proj: nn.Linear | None = None
         if config.scale_conditioning:
             temb_dim = _out_features(net.get_submodule(config.time_embedding_layer))
-            self.scale_proj = nn.Linear(256, temb_dim)
+            self.scale_proj = nn.Linear(SCALE_FEATURES, temb_dim)
             nn.init.zeros_(self.scale_proj.weight)
             nn.init.zeros_(self.scale_proj.bias)
         self._hooks_on = False
@@ -130,7 +141,7 @@ class NoiseRefiner(nn.Module):
             if guidance_scale is None:
                 raise NoiseRefineError("this refiner is guidance-scale conditioned: pass guidance_scale")
             w = torch.as_tensor(guidance_scale, dtype=x_T.dtype, device=x_T.device).expand(x_T.shape[0])
-            self._scale = self.scale_proj(sinusoidal_embedding(w, 256))
+            self._scale = self.scale_proj(sinusoidal_embedding(w, SCALE_FEATURES))
         t = torch.tensor(self.config.timestep, device=x_T.device)
         with self._refining():
             out = self.backbone.predict(x_T.to(self.backbone.dtype), t, cond)
@@ -238,10 +249,11 @@ class RefinedNoise:
 
 
 def sinusoidal_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of a scalar per sample (as timestep embeddings), (B,) -> (B, dim)."""
+    """Sinusoidal features of a guidance scale per sample (as timestep embeddings, of
+    SCALE_MULTIPLIER x the scale), (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=w.device, dtype=torch.float32) / half)
-    args = w.float()[:, None] * 100.0 * freqs[None]  # x100: scales ~1-10 span many periods
+    args = w.float()[:, None] * SCALE_MULTIPLIER * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1).to(w.dtype)
 
 
