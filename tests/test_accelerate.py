@@ -47,11 +47,12 @@ def run(model: str, out: Path) -> Path:
     """Targets then 2 training steps; the same call whether 1 or N processes run it."""
     from noiserefine.api import make_targets
     from noiserefine.backbones.loading import load_backbone
+    from noiserefine.guidance import Guidance, Teacher
     from noiserefine.train import train_refiner
 
     out.mkdir(exist_ok=True)
-    make_targets(PROMPTS, SEEDS, [5.0], out / "targets", steps=2, shard_size=SHARD_SIZE, score="none",
-                 model=model, batch_size=2)
+    make_targets(PROMPTS, SEEDS, Teacher(Guidance(cfg=5.0), steps=2), out / "targets", shard_size=SHARD_SIZE,
+                 score="none", model=model, batch_size=2)
     return train_refiner(load_backbone(model), out / "targets", out / "run", _train_config(), progress=False)
 
 
