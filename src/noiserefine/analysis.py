@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, sample_from_noise
-from noiserefine.io import ensure_out_dir, write_json
+from noiserefine.io import OutputFolder, write_json
 from noiserefine.methods.refine import NoiseRefiner
 from noiserefine.sampling import noise_for_seeds
 
@@ -49,6 +50,10 @@ def band_pass(x: torch.Tensor, cutoff: float, keep: str) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+RESULTS = ("analysis.json", "analysis.png")
+"""What `run_analysis` writes (`OutputFolder` results)."""
+
+
 @dataclass
 class AnalysisInputs:
     refiner: NoiseRefiner
@@ -58,9 +63,13 @@ class AnalysisInputs:
 
 
 def run_analysis(inputs: AnalysisInputs, out: Path, strengths: Sequence[float] = (0, 0.5, 1, 1.5, 2),
-                 cutoffs: Sequence[float] = (0.1, 0.25, 0.5), steps: int = 20) -> dict[str, Any]:
-    """Run all analyses; writes `analysis.json` and `analysis.png` into `out`."""
-    out = ensure_out_dir(out)
+                 cutoffs: Sequence[float] = (0.1, 0.25, 0.5), steps: int = 20, overwrite: bool = False) -> dict[str, Any]:
+    """Run all analyses; writes `analysis.json` and `analysis.png` into `out` (a folder holding an
+    analysis is refused unless `overwrite`)."""
+    folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
+    if not inputs.seeds or len(inputs.seeds) != len(inputs.prompts):
+        raise NoiseRefineError(f"the analyses need one prompt per seed and at least one, got "
+                               f"{len(inputs.prompts)} prompts and {len(inputs.seeds)} seeds")
     bb = inputs.refiner.backbone
     x_T = noise_for_seeds(inputs.seeds, bb.latent_shape)
     other = noise_for_seeds([s + PAIR_SEED_OFFSET for s in inputs.seeds], bb.latent_shape)
@@ -81,6 +90,7 @@ def run_analysis(inputs: AnalysisInputs, out: Path, strengths: Sequence[float] =
         "low_band_only": {f"{c:g}": adherence(x_T + band_pass(delta, c, "low")) for c in cutoffs},
         "high_band_only": {f"{c:g}": adherence(x_T + band_pass(delta, c, "high")) for c in cutoffs},
     }
+    out = folder.open()
     write_json(out / "analysis.json", result)
     _plot(result, delta, x_T - other, out / "analysis.png")
     return result

@@ -7,23 +7,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
-from noiserefine.generation import SamplingOptions, generate_latents
+from noiserefine.errors import NoiseRefineError
+from noiserefine.generation import SamplingOptions
 from noiserefine.guidance import Teacher, check_guide
-from noiserefine.io import atomic_write_bytes, ensure_out_dir
+from noiserefine.io import OutputFolder
 from noiserefine.methods import registry
 from noiserefine.methods.refine import NoiseRefiner, RefinedNoise
 from noiserefine.methods.registry import MethodContext
-from noiserefine.sampling import to_uint8
-from noiserefine.targets import TargetSpec, generate_targets
+from noiserefine.samples import plan_samples, sample_rows, write_samples
+from noiserefine.sampling import make_scheduler
+from noiserefine.targets import RESULTS as TARGET_RESULTS, TargetSpec, generate_targets
 
 
 def load_refiner(backbone: Backbone | None = None, path: str | Path | None = None,
@@ -53,45 +53,46 @@ def method_context(backbone: Backbone, sampling: SamplingOptions, *, weights: Pa
 def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *, method: str = "gaussian",
                      method_options: dict[str, Any] | None = None, sampling: SamplingOptions = SamplingOptions(),
                      refiner: Path | None = None, force: bool = False, model: str | None = None,
-                     dtype: str | None = None, guide: str | None = None, scorer: str | None = None) -> Path:
+                     dtype: str | None = None, guide: str | None = None, scorer: str | None = None,
+                     overwrite: bool = False) -> Path:
     """One PNG per (prompt, seed) of noise `method` sampled with `sampling`, plus `manifest.jsonl`
     (file, prompt, seed, method, its options, the guidance record, steps, scheduler). `refiner` is
     the method's weights file (a refiner or an NPNet; default: the shipped one); autoguidance uses
-    the guide model `guide` (default: the embedded model's shipped guide)."""
+    the guide model `guide` (default: the embedded model's shipped guide). A folder holding samples
+    of the same settings is resumed, one of other settings refused unless `overwrite`
+    (`noiserefine.samples`); nothing is written before every input has been validated."""
     registry.check_weights(method, refiner)
-    out = ensure_out_dir(out)
+    options = registry.entry(method).defaults() | (method_options or {})
+    record = {"method": method, **options, **sampling.guidance.to_record(), "steps": sampling.steps,
+              "scheduler": sampling.scheduler}
+    rows = sample_rows(prompts, seeds, record)
+    folder, todo = plan_samples(out, rows, overwrite)
     backbone = load_backbone(model, guide=guide, dtype=dtype)
     check_guide(backbone, sampling.guidance)
     _validate_prompts(backbone, prompts)
+    make_scheduler(sampling.scheduler, backbone.scheduler_config)  # an unknown scheduler fails here
     ctx = method_context(backbone, sampling, weights=refiner, force=force, scorer=scorer)
-    options = registry.entry(method).defaults() | (method_options or {})
     noise = registry.build(method, ctx, **options)
-    pairs = [(p, s) for p in prompts for s in seeds]
-    latents = generate_latents(backbone, [p for p, _ in pairs], [s for _, s in pairs], noise, sampling, progress=True)
-    size = sampling.batch_size
-    images = to_uint8(torch.cat([backbone.decode(latents[i: i + size]) for i in range(0, len(latents), size)]))
-    record = {"method": method, **options, **sampling.guidance.to_record(), "steps": sampling.steps,
-              "scheduler": sampling.scheduler}
-    rows = []
-    for k, ((prompt, seed), img) in enumerate(zip(pairs, images)):
-        name = f"{k:05d}_seed{seed}.png"
-        Image.fromarray(img).save(out / name)
-        rows.append({"file": name, "prompt": prompt, "seed": seed, **record})
-    atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    return out
+    write_samples(folder.open(), backbone, noise, sampling, rows, todo)
+    return folder.path
 
 
 def make_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher, out: Path, *,
                  shard_size: int = 256, score: str | None = None, model: str | None = None, batch_size: int = 64,
                  dtype: str | None = None, guide: str | None = None, clip_model: str | None = None,
-                 aesthetic_model: str | None = None) -> Path:
+                 aesthetic_model: str | None = None, overwrite: bool = False) -> Path:
     """Guided targets of `teacher` for NoiseRefine (see `noiserefine.targets`), scored by `score`
-    (default: the backbone's own scorer, the primary judge on shapes16; "none" for no score)."""
+    (default: the backbone's own scorer, the primary judge on shapes16; "none" for no score). A
+    folder of targets is resumed (refused if made by another spec) or, with `overwrite`, replaced."""
     from noiserefine.evaluation.scorers import scorer_for
 
+    folder = OutputFolder(Path(out), TARGET_RESULTS, overwrite=overwrite, resume=True).check()
+    if min(batch_size, shard_size) < 1:
+        raise NoiseRefineError(f"batch size and shard size must be >= 1, got {batch_size} and {shard_size}")
     backbone = load_backbone(model, guide=guide, dtype=dtype)
     check_guide(backbone, teacher.guidance)
     _validate_prompts(backbone, prompts)
+    make_scheduler(teacher.scheduler, backbone.scheduler_config)  # an unknown scheduler fails here
     score = score or getattr(backbone, "default_scorer", None) or "none"
     spec = TargetSpec(prompts=list(prompts), seeds=list(seeds), teacher=teacher, shard_size=shard_size, score=score)
     # Under `accelerate launch`, process i writes shards i, i+P, i+2P, ... of the same folder.
@@ -100,6 +101,9 @@ def make_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher,
     state = PartialState(cpu=not torch.cuda.is_available())
     shard_ids = range(state.process_index, spec.num_shards, state.num_processes)
     scorer = scorer_for(backbone, score, clip_model=clip_model, aesthetic_model=aesthetic_model)
+    if state.is_main_process:
+        folder.open()  # under `overwrite` the old targets go once, before any process writes
+    state.wait_for_everyone()
     generate_targets(backbone, spec, out, scorer=scorer, batch_size=batch_size, shard_ids=shard_ids,
                      progress=state.is_main_process)
     state.wait_for_everyone()

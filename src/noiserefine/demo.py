@@ -10,15 +10,17 @@ import torch
 from PIL import Image
 
 from noiserefine.api import load_refiner
-from noiserefine.evaluation.bench import run_bench
+from noiserefine.evaluation.bench import RESULTS as BENCH_RESULTS, check_bench_size, run_bench
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance
-from noiserefine.io import ensure_out_dir
+from noiserefine.io import OutputFolder, ensure_out_dir
 from noiserefine.methods.refine import RefinedNoise
 from noiserefine.sampling import to_uint8
 from noiserefine.world import ALL_PROMPTS
 
 GRID_PROMPTS = ALL_PROMPTS[::6]  # 8 prompts covering every color, shape and position
+RESULTS = ("grid.png", "grid.txt", *BENCH_RESULTS)
+"""What `run_demo` writes (`OutputFolder` results)."""
 
 
 def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) -> Path:
@@ -44,8 +46,11 @@ def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) 
     return path
 
 
-def run_demo(out: Path, n: int = 200) -> Path:
-    """Grid + bench into `out`; returns the bench table path."""
+def run_demo(out: Path, n: int = 200, overwrite: bool = False) -> Path:
+    """Grid + bench into `out` (a folder holding a demo is refused unless `overwrite`); returns the
+    bench table path."""
+    folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
+    check_bench_size(n)
     torch.manual_seed(0)
-    picture_grid(out)
+    picture_grid(folder.open())
     return run_bench(out, n=n)

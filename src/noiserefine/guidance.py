@@ -167,6 +167,8 @@ class Teacher:
     def __post_init__(self) -> None:
         if self.scale_field not in {f.name for f in fields(Guidance)}:
             raise NoiseRefineError(f"unknown guidance field {self.scale_field!r} to vary")
+        if self.steps < 1:
+            raise NoiseRefineError(f"the teacher needs steps >= 1, got {self.steps}")
         for w in self.scales:
             self.at_scale(w)  # a bad scale fails here, before any work
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from noiserefine.backbones.base import Backbone, Cond
+from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import UNGUIDED, Guidance, guided_prediction
 from noiserefine.sampling import make_scheduler
 
@@ -23,7 +24,8 @@ def to_eps_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, predictio
     elif prediction_type == "sample":
         return (x - a * out) / s, out
     else:
-        raise ValueError(f"unsupported prediction type {prediction_type!r}")
+        raise NoiseRefineError(f"unsupported prediction type {prediction_type!r}; expected epsilon, "
+                               "v_prediction or sample")
     return eps, (x - s * eps) / a
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,72 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def ensure_out_dir(path: Path) -> Path:
-    """Create an output folder; its parent must exist (a typo should not build a tree silently)."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise NoiseRefineError(f"parent folder of the output does not exist: {path.parent}")
-    path.mkdir(exist_ok=True)
-    return path
+    """Create an output folder (or use an existing one) under the checks of `OutputFolder`, for
+    writers that keep their own resume rules (a shard store checks its manifest)."""
+    return OutputFolder(Path(path), ()).open()
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The one policy for a folder a command writes its results into.
+
+    `results` are glob patterns of what the command writes there (e.g. `("bench.md", "bench.json")`,
+    `("manifest.json", "shard-*.safetensors")`, a folder name such as `"checkpoint"`); other files
+    in the folder are neither results nor touched. The policy:
+
+    - the parent folder must exist (a typo should not build a tree silently) and the path must not
+      name a file;
+    - a folder that already holds results is refused, unless the command `resume`s them (it has
+      checked, or will check, that they were made with its own settings and skips what is done) or
+      the user asked to `overwrite` them (the command line's `--overwrite`);
+    - nothing is created before validation has passed: `check()` only checks, so a command calls it
+      with its other argument checks, and calls `open()` once everything is validated (prompts
+      encoded, weights found); `open()` creates the folder and, under `overwrite`, first deletes the
+      old results -- and only them.
+
+        folder = OutputFolder(out, ("bench.md", "bench.json"), overwrite=overwrite).check()
+        ...                                   # validate arguments, load models
+        out = folder.open()                   # then write
+    """
+
+    path: Path
+    results: tuple[str, ...]
+    overwrite: bool = False
+    resume: bool = False
+
+    def existing(self) -> list[Path]:
+        """The results already in the folder (files or folders matching `results`), sorted."""
+        path = Path(self.path)
+        if not path.is_dir():
+            return []
+        return sorted({p for pattern in self.results for p in path.glob(pattern)})
+
+    def check(self) -> "OutputFolder":
+        """Refuse a path the command may not write to (see the class); creates nothing."""
+        path = Path(self.path)
+        if path.exists() and not path.is_dir():
+            raise NoiseRefineError(f"output {path} is a file, not a folder")
+        if not path.parent.is_dir():
+            raise NoiseRefineError(f"parent folder of the output does not exist: {path.parent}")
+        found = self.existing()
+        if found and not (self.overwrite or self.resume):
+            names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise NoiseRefineError(f"{path} already holds results ({names}); pass --overwrite to replace "
+                                   "them, or choose another folder")
+        return self
+
+    def open(self) -> Path:
+        """Check again, delete the old results under `overwrite`, create the folder; returns its path.
+        Deleting tolerates a result that is already gone (processes of one run may all open)."""
+        path = Path(self.check().path)
+        if self.overwrite:
+            for old in self.existing():
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+        path.mkdir(exist_ok=True)
+        return path
 
 
 def state_hash(module: torch.nn.Module, dtype: torch.dtype | None = None) -> str:

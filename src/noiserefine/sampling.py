@@ -119,16 +119,21 @@ def denoise(
     return x
 
 
+MAX_SEEDS = 1_000_000
+"""Most seeds one command takes (4x the largest paper recipe); a bigger set is made in parts."""
+
+
 def seeds_from_range(spec: str) -> list[int]:
-    """Parse `A-B` (inclusive) or `A,B,C` into a list of seeds."""
+    """Parse `A-B` (inclusive) or `A,B,C` into a list of at most `MAX_SEEDS` seeds."""
+    ranged = "-" in spec.strip("-")
     try:
-        if "-" in spec.strip("-"):
-            a, b = spec.split("-", 1)
-            seeds = list(range(int(a), int(b) + 1))
-        else:
-            seeds = [int(s) for s in spec.split(",")]
+        values = [int(v) for v in (spec.split("-", 1) if ranged else spec.split(","))]
     except ValueError:
         raise NoiseRefineError(f"seeds must look like '0-99' or '1,5,9', got {spec!r}") from None
+    if ranged and values[1] - values[0] + 1 > MAX_SEEDS:
+        raise NoiseRefineError(f"seed range {spec!r} holds {values[1] - values[0] + 1:,} seeds; at most "
+                               f"{MAX_SEEDS:,} per run (make a larger set in parts)")
+    seeds = list(range(values[0], values[1] + 1)) if ranged else values
     if not seeds or min(seeds) < 0:
         raise NoiseRefineError(f"seed range {spec!r} is empty or negative")
     return seeds

@@ -80,6 +80,10 @@ def _shard_range(spec: TargetSpec, k: int) -> range:
     return range(k * spec.shard_size, min((k + 1) * spec.shard_size, len(spec.seeds)))
 
 
+RESULTS = ("manifest.json", "shard-*.safetensors")
+"""What a target folder holds (`OutputFolder` results): its manifest and its shards."""
+
+
 def _shard_path(out: Path, k: int) -> Path:
     return out / f"shard-{k:05d}.safetensors"
 

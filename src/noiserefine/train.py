@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone, same_model
-from noiserefine.io import load_tensors
+from noiserefine.io import OutputFolder, load_tensors
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
@@ -34,6 +34,8 @@ from noiserefine.targets import TargetSet, load_targets
 from noiserefine.training_loop import LoopSettings, run_training_loop
 
 LossName = Literal["msd", "full", "noise"]
+RESULTS = ("checkpoint", "refiner.safetensors", "refiner.json")
+"""What a training run writes into its folder (`OutputFolder` results; a run there resumes)."""
 
 
 @dataclass
@@ -55,6 +57,12 @@ class TrainConfig:
     init_from: str | None = None  # start from a trained refiner (e.g. MSD, then fine-tune with "full")
     gradient_checkpointing: bool = False  # recompute denoiser blocks in backward (full loss, big models)
     mixed_precision: str | None = None  # "no" | "fp16" | "bf16"; None: the launcher's, else the model dtype's
+
+    def __post_init__(self) -> None:
+        sizes = {"batch_size": self.batch_size, "msd_steps": self.msd_steps, "rank": self.rank}
+        if min(sizes.values()) < 1 or not self.lr > 0 or not self.grad_clip >= 0:
+            raise NoiseRefineError(f"training needs batch_size, msd_steps and rank >= 1, lr > 0 and grad_clip >= 0, "
+                                   f"got {sizes}, lr={self.lr}, grad_clip={self.grad_clip}")
 
 
 class RefinerObjective(nn.Module):
@@ -85,11 +93,13 @@ def _global_batch(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
 
 
 def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path, cfg: TrainConfig = TrainConfig(),
-                  accelerator: Accelerator | None = None, progress: bool = True) -> Path:
+                  accelerator: Accelerator | None = None, progress: bool = True, overwrite: bool = False) -> Path:
     """Train (or resume) a refiner on one or more target folders. Writes `out/refiner.safetensors` + JSON,
-    checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps)."""
+    checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps). `overwrite` deletes an
+    earlier run in `out` (once the inputs are validated) instead of resuming it."""
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision=_mixed_precision(cfg, backbone))
+    folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite, resume=True).check()
     out = Path(out)
     loop = LoopSettings(out / "checkpoint", cfg.steps, lr_schedule=cfg.lr_schedule,
                         checkpoint_every=cfg.checkpoint_every, config=_comparable(cfg), desc=f"train ({cfg.loss})",
@@ -117,7 +127,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     objective, opt = acc.prepare(objective, opt)
     inv = _inversion_noise(backbone, data, cfg) if cfg.loss == "noise" else None
-    out.mkdir(parents=True, exist_ok=True)
+    folder.open()  # after validation; under `overwrite` the old run goes before the loop could resume it
     run = run_training_loop(loop, {"refiner": _RefinerState(refiner)}, opt,
                             lambda step: _train_step(objective, opt, params, data, inv, cfg, step, acc))
     path = out / "refiner.safetensors"

@@ -107,11 +107,12 @@ RESULTS = ("bench.md", "bench.json")
 """What `run_bench` writes (`OutputFolder` results)."""
 
 
-def check_bench_size(n: int, batch_size: int) -> None:
+def check_bench_size(n: int, batch_size: int = 1) -> None:
     """Refuse fewer than one image per row or a batch size below 1."""
-    if n < 1 or batch_size < 1:
-        raise NoiseRefineError(f"the bench needs n >= 1 images per row and a batch size >= 1, "
-                               f"got n={n}, batch size {batch_size}")
+    if n < 1:
+        raise NoiseRefineError(f"n (images per row) must be >= 1, got {n}")
+    if batch_size < 1:
+        raise NoiseRefineError(f"batch size must be >= 1, got {batch_size}")
 
 
 def bench_setup(n: int, batch_size: int, prompt_pool: Sequence[str] = ALL_PROMPTS, split: str = "dev") -> BenchSetup:
@@ -212,6 +213,9 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
         specs.append(parse_row("refined"))
     for spec in specs:
         check_guide(backbone, spec.guidance)
+    if refiner is not None and not any(registry.entry(s.method).weights for s in specs):
+        raise NoiseRefineError(f"--refiner {refiner} would be ignored: no row of {rows!r} loads weights "
+                               f"({', '.join(m.name for m in registry.METHODS.values() if m.weights)} do)")
     score = suite.score(backbone, clip_model)
     setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS), split)
     ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, clip_model=clip_model), weights=refiner,

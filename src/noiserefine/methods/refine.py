@@ -238,6 +238,9 @@ class RefinedNoise:
     extra_nfe = 1.0
 
     def __init__(self, refiner: NoiseRefiner, strength: float = 1.0, guidance_scale: float | None = None) -> None:
+        if guidance_scale is not None and refiner.scale_proj is None:  # it would be silently ignored
+            raise NoiseRefineError(f"this refiner is not guidance-scale conditioned: it takes no teacher scale, "
+                                   f"got {guidance_scale}")
         self.refiner = refiner
         self.strength = strength
         self.guidance_scale = guidance_scale

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from noiserefine.io import atomic_write_bytes, ensure_out_dir
+from noiserefine.errors import NoiseRefineError
+from noiserefine.io import OutputFolder, atomic_write_bytes
 from noiserefine.world.shapes16 import random_prompts, render
 
 LABELS = "labels.jsonl"
+RESULTS = (LABELS, "[0-9]*.png")
+"""What an export writes (`OutputFolder` results): the labels and the numbered renders."""
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -24,10 +27,14 @@ def save_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(pixels.transpose(1, 2, 0)).save(path)
 
 
-def export_world(out: Path, n: int, seed: int) -> Path:
-    """Write `n` real renders as `out/{k:05d}.png` plus `out/labels.jsonl` (file, prompt, color,
-    shape, position, seed, index); deterministic for a given seed. Returns `out`."""
-    out = ensure_out_dir(out)
+def export_world(out: Path, n: int, seed: int, overwrite: bool = False) -> Path:
+    """Write `n` >= 1 real renders as `out/{k:05d}.png` plus `out/labels.jsonl` (file, prompt, color,
+    shape, position, seed, index); deterministic for a given seed >= 0. A folder holding an export
+    is refused unless `overwrite` (which deletes the old one first). Returns `out`."""
+    folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
+    if n < 1 or seed < 0:
+        raise NoiseRefineError(f"world export needs n >= 1 renders and a seed >= 0, got n={n}, seed={seed}")
+    out = folder.open()
     rows = []
     for k in range(n):
         rng = np.random.default_rng([seed, k])
