@@ -108,6 +108,9 @@ CASES = [
     Case("eval-not-an-image", "eval {ws}/eval-notimage", r"b\.png is not a readable image \(cannot identify"),
     Case("eval-missing-folder", "eval {ws}/nowhere", r"image folder not found: .*nowhere"),
     Case("eval-bad-json", "eval {ws}/eval-badjson", r"manifest\.jsonl line 1 is not valid JSON"),
+    Case("eval-prompt-not-text", "eval {ws}/eval-prompt-number", r"line 1: file and prompt must be text, got 'a.png' and 5"),
+    Case("eval-guidance-not-a-number", "eval {ws}/eval-cfg-text",
+         r"line 1 has a bad guidance record \(could not convert string to float: 'x'\)"),
     Case("eval-missing-image", "eval {ws}/eval-missing", r"image file not found: .*b\.png"),
     # targets
     Case("targets-steps-0", "targets --prompt-file {ws}/p.txt --seeds 0-1 --steps 0 --out {new}",
@@ -213,6 +216,10 @@ def workspace(tmp_path_factory) -> Path:
     _write_eval_folder(ws / "eval-notimage", ws / "export" / "00000.png", b"these are not PNG bytes\n")
     _write_eval_folder(ws / "eval-missing", ws / "export" / "00000.png", None)
     _write_eval_folder(ws / "eval-badjson", ws / "export" / "00000.png", png.read_bytes(), manifest="{not json\n")
+    row = {"file": "a.png", "prompt": PROMPT, "seed": 0, "method": "gaussian", "steps": 20}
+    for name, bad in {"eval-prompt-number": {"prompt": 5}, "eval-cfg-text": {"cfg": "x"}}.items():
+        _write_eval_folder(ws / name, ws / "export" / "00000.png", png.read_bytes(),
+                           manifest=json.dumps({**row, **bad}) + "\n" + json.dumps({**row, "file": "b.png"}) + "\n")
     return ws
 
 

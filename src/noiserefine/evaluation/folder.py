@@ -47,11 +47,22 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
         missing = [f for f in REQUIRED_FIELDS if not isinstance(row, dict) or f not in row]
         if missing:
             raise NoiseRefineError(f"{path} line {number} lacks field(s) {missing}")
-        parse_prompt(row["prompt"])
+        _check_row(row, f"{path} line {number}")
         rows.append(row)
     if not rows:
         raise NoiseRefineError(f"{path} lists no images")
     return rows
+
+
+def _check_row(row: dict[str, Any], where: str) -> None:
+    """A row's file and prompt are text, the prompt a shapes16 prompt, its guidance record valid."""
+    if not isinstance(row["file"], str) or not isinstance(row["prompt"], str):
+        raise NoiseRefineError(f"{where}: file and prompt must be text, got {row['file']!r} and {row['prompt']!r}")
+    parse_prompt(row["prompt"])
+    try:
+        Guidance.from_record(row)
+    except (TypeError, ValueError) as err:
+        raise NoiseRefineError(f"{where} has a bad guidance record ({err})") from None
 
 
 def load_png(path: Path) -> np.ndarray:
