@@ -391,9 +391,10 @@ def golden() -> None:
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="pair folder (a killed run resumes here)")
 @_friendly_errors
+@_overwrite_option("the pairs instead of resuming them")
 def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: str | None,
                  aesthetic_model: str | None, model: str | None, dtype: str | None, batch_size: int, out: Path,
-                 **spec_options: Any) -> None:
+                 overwrite: bool, **spec_options: Any) -> None:
     """Collect NPNet's noise pairs (x_T, x_T') by re-denoise sampling, each scored on the images
     of both noises (resumable; under `accelerate launch`, processes write disjoint shards).
 
@@ -404,10 +405,12 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
 
     from noiserefine.backbones.loading import load_backbone
     from noiserefine.evaluation.scorers import scorer_for
-    from noiserefine.npnet_pairs import RedenoiseSpec, collect_pairs
+    from noiserefine.io import OutputFolder
+    from noiserefine.npnet_pairs import RESULTS, RedenoiseSpec, collect_pairs
     from noiserefine.sampling import seeds_from_range
 
     prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
+    OutputFolder(out, RESULTS, overwrite=overwrite, resume=True).check()  # before the model loads
     backbone = load_backbone(model, dtype=dtype)
     backbone.encode_prompts(prompts)  # an unknown word fails before any work
     score = score or getattr(backbone, "default_scorer", None)
@@ -417,7 +420,7 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
     scorer = scorer_for(backbone, score, clip_model=clip_model, aesthetic_model=aesthetic_model)
     state = PartialState(cpu=not torch.cuda.is_available())
     collect_pairs(backbone, spec, out, scorer, batch_size, (state.process_index, state.num_processes),
-                  progress=state.is_main_process)
+                  state.wait_for_everyone, overwrite=overwrite, progress=state.is_main_process)
     state.wait_for_everyone()
     click.echo(out)
 
@@ -439,7 +442,8 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
 @click.option("--model", default=None, help="base model the pairs were collected with (default: shapes16)")
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
 @_friendly_errors
-def golden_train(pairs: Path, model: str | None, out: Path, **config: Any) -> None:
+@_overwrite_option("the run (checkpoint and NPNet) instead of resuming it")
+def golden_train(pairs: Path, model: str | None, out: Path, overwrite: bool, **config: Any) -> None:
     """Train NPNet on a pair folder with MSE (resumable): writes OUT/npnet.safetensors + .json.
 
     Example: noiserefine golden train --pairs runs/pairs --out runs/npnet
@@ -448,7 +452,7 @@ def golden_train(pairs: Path, model: str | None, out: Path, **config: Any) -> No
     from noiserefine.train_npnet import NPNetTrainConfig, train_npnet
 
     cfg = NPNetTrainConfig(**config)
-    click.echo(train_npnet(load_backbone(model), pairs, out, cfg))
+    click.echo(train_npnet(load_backbone(model), pairs, out, cfg, overwrite=overwrite))
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """DDIM inversion (Song et al. 2020, Eq. 13 run backwards): x_0 -> x_T with the same model.
 
 Used for the noise-space loss ablation of NoiseRefine (Tab. 1: regress the inversion noise of the
-guided target) and for Golden Noise's re-denoise sampling (inversion at a low CFG scale).
+guided target). Golden Noise's re-denoise sampling inverts its one step itself
+(`noiserefine.npnet_pairs.redenoise`): it queries the model where the step starts, not at the
+target timestep as `ddim_invert` does, and shares only `to_eps_x0` with this module.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 
 from noiserefine.backbones.base import Backbone, Cond
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import UNGUIDED, Guidance, guided_prediction
+from noiserefine.guidance import UNGUIDED, guided_prediction
 from noiserefine.sampling import make_scheduler
 
 
@@ -30,14 +32,11 @@ def to_eps_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, predictio
 
 
 @torch.no_grad()
-def ddim_invert(backbone: Backbone, x_0: torch.Tensor, cond: Cond, *, steps: int = 20,
-                uncond: Cond | None = None, guidance: Guidance = UNGUIDED,
-                start_step: int = 0, num_steps: int | None = None) -> torch.Tensor:
-    """Invert along the trailing DDIM grid of `steps`, from the clean end upwards.
+def ddim_invert(backbone: Backbone, x_0: torch.Tensor, cond: Cond, *, steps: int = 20) -> torch.Tensor:
+    """Invert unguided along the trailing DDIM grid of `steps`, from the clean end upwards.
 
     The model is queried at the target timestep of each step (the usual DDIM-inversion
-    approximation). `start_step`/`num_steps` select a sub-range of the ascending grid, e.g.
-    one step from t_k to t_{k+1} for Golden Noise. Returns unit-variance-scale noise.
+    approximation). Returns unit-variance-scale noise.
     """
     sched = make_scheduler("ddim", backbone.scheduler_config)
     sched.set_timesteps(steps, device=x_0.device)
@@ -45,11 +44,10 @@ def ddim_invert(backbone: Backbone, x_0: torch.Tensor, cond: Cond, *, steps: int
     alphas = sched.alphas_cumprod.to(x_0.device, torch.float32)
     levels = [sched.final_alpha_cumprod.to(x_0.device)] + [alphas[t] for t in ascending]
     pred_type = backbone.scheduler_config.get("prediction_type", "epsilon")
-    stop = len(ascending) if num_steps is None else start_step + num_steps
     x = x_0
-    for i in range(start_step, stop):
-        t, a_prev, a_next = ascending[i], levels[i], levels[i + 1]
-        out = guided_prediction(backbone, x, t, cond, uncond, guidance).float()
+    for i, t in enumerate(ascending):
+        a_prev, a_next = levels[i], levels[i + 1]
+        out = guided_prediction(backbone, x, t, cond, None, UNGUIDED).float()
         eps, _ = to_eps_x0(out, x.float(), a_next, pred_type)
         x0 = (x.float() - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
         x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).to(x_0.dtype)

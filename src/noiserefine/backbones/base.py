@@ -135,9 +135,9 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def select_cond(cond: Cond, index: torch.Tensor | slice) -> Cond:
-    """Take batch entries `index` of every tensor."""
-    return {k: v[index] for k, v in cond.items()}
+def select_cond(cond: Cond | None, index: torch.Tensor | slice) -> Cond | None:
+    """Take batch entries `index` of every tensor (no conditioning: None)."""
+    return None if cond is None else {k: v[index] for k, v in cond.items()}
 
 
 @runtime_checkable

@@ -1,13 +1,9 @@
 """Golden Noise / NPNet (Zhou et al., "Golden Noise for Diffusion Models: A Learning Framework",
 ICCV 2025): a small network maps Gaussian noise and the prompt to "golden" noise in one pass.
+This module holds the network and the noise method (Stage III); its data (Stage I, re-denoise
+sampling) is `noiserefine.npnet_pairs` and its training (Stage II) `noiserefine.train_npnet`.
 
-Stage I, re-denoise sampling (the data): x_T' = DDIM-Inversion_{w_w}(DDIM_{w_l}(x_T)), one DDIM
-step at a high CFG scale w_l from x_T, then that step inverted at a low scale w_w < w_l; the scale
-gap injects the prompt's semantics into the noise. A pair is kept when the image sampled from x_T'
-beats the image sampled (the same way) from x_T by a margin m: s_0 + m < s_0'. The paper filters
-with HPSv2; here the score is pluggable (shapes16: the primary judge's prompt probability).
-
-Stage II, NPNet, trained with MSE(x_T', x'_pred) ("Training and Inference"):
+NPNet ("Training and Inference"):
 
     x'_pred = alpha * e + x~_T' + beta * x^_T
     x~_T' = U diag(Sigma~) V^T        singular-value prediction: keep the noise's singular vectors
@@ -29,172 +25,22 @@ safetensors + a JSON config that names the base model they were fitted to.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone, Cond, same_model
-from noiserefine.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import Guidance, guided_prediction
-from noiserefine.inversion import to_eps_x0
-from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, shipped_path, write_json
-from noiserefine.methods.search import SearchSampling, sample_and_score
-from noiserefine.sampling import check_noise, make_scheduler, noise_for_seeds
-from noiserefine.scoring import Scorer
+from noiserefine.io import load_tensors, read_json, save_tensors, write_json
+from noiserefine.sampling import check_noise
 
 FORMAT = "noiserefine-npnet/1"
-SHIPPED_WEIGHTS = "shapes16-npnet.safetensors"
 
 
-# -- Stage I: re-denoise sampling and filtering -------------------------------------------------
-@torch.no_grad()
-def redenoise(backbone: Backbone, x_T: torch.Tensor, cond: Cond, uncond: Cond, *, high_cfg: float = 3.0,
-              low_cfg: float = 1.0, grid_steps: int = 20) -> torch.Tensor:
-    """x_T' = DDIM-Inversion_{low_cfg}(DDIM_{high_cfg}(x_T)) on the trailing DDIM grid of
-    `grid_steps` steps: the step T -> t_1 at CFG `high_cfg`, then t_1 -> T inverted at `low_cfg`.
-
-    The inversion queries the model at the point it starts from, (x_1, t_1), as plain DDIM
-    inversion does (Song et al. 2020, Eq. 13 run backwards). `ddim_invert`
-    queries it at the target timestep instead; at t = T of a zero-terminal-SNR v-prediction model
-    (shapes16: alpha_bar_T ~ 2e-9) that turns the prediction into eps = x_1 whatever the model says,
-    so the low scale would have no effect at all.
-    """
-    check_noise(x_T, backbone.latent_shape)
-    if grid_steps < 2:
-        raise NoiseRefineError(f"re-denoise sampling needs a grid of >= 2 steps, got {grid_steps}")
-    sched = make_scheduler("ddim", backbone.scheduler_config)
-    sched.set_timesteps(grid_steps, device=x_T.device)
-    t_T, t_1 = sched.timesteps[0], sched.timesteps[1]
-    x = x_T * sched.init_noise_sigma
-    out = guided_prediction(backbone, sched.scale_model_input(x, t_T), t_T, cond, uncond, Guidance(high_cfg))
-    x_1 = sched.step(out, t_T, x, return_dict=False)[0]
-    out = guided_prediction(backbone, sched.scale_model_input(x_1, t_1), t_1, cond, uncond, Guidance(low_cfg))
-    alphas = sched.alphas_cumprod.to(x_T.device, torch.float32)
-    eps, x_0 = to_eps_x0(out.float(), x_1.float(), alphas[t_1], backbone.scheduler_config.get("prediction_type", "epsilon"))
-    x_T_new = alphas[t_T].sqrt() * x_0 + (1 - alphas[t_T]).sqrt() * eps
-    return (x_T_new / sched.init_noise_sigma).to(x_T.dtype)
-
-
-@dataclass
-class RedenoiseSpec:
-    """What a pair folder holds; a resumed collection must ask for the same thing. Pair i uses
-    prompt i mod len(prompts) and seeds[i]; both of its images are sampled with `filter_cfg` in
-    `filter_steps` DDIM steps to score it."""
-
-    prompts: list[str]
-    seeds: list[int]
-    high_cfg: float = 3.0
-    low_cfg: float = 1.0
-    grid_steps: int = 20
-    filter_cfg: float = 1.0
-    filter_steps: int = 20
-    shard_size: int = 256
-    score: str = "judge"
-
-    def pair(self, i: int) -> tuple[str, int]:
-        return self.prompts[i % len(self.prompts)], self.seeds[i]
-
-    @property
-    def num_shards(self) -> int:
-        return -(-len(self.seeds) // self.shard_size)
-
-    def shard_range(self, k: int) -> range:
-        return range(k * self.shard_size, min((k + 1) * self.shard_size, len(self.seeds)))
-
-
-def collect_pairs(backbone: Backbone, spec: RedenoiseSpec, out: Path, scorer: Scorer, batch_size: int = 64,
-                  progress: bool = True) -> Path:
-    """Re-denoise sampling over `spec`, in resumable safetensors shards (a killed run keeps its
-    finished shards) plus `manifest.json`. Every pair stores both scores; filtering is at loading."""
-    if spec.high_cfg <= spec.low_cfg:
-        raise NoiseRefineError(f"re-denoise sampling needs high_cfg > low_cfg, got {spec.high_cfg} and {spec.low_cfg}")
-    out = ensure_out_dir(out)
-    _check_or_write_manifest(out, spec, backbone)
-    todo = [k for k in range(spec.num_shards) if not _shard_path(out, k).is_file()]
-    bar = tqdm(total=sum(len(spec.shard_range(k)) for k in todo), disable=not progress, desc="golden pairs", unit="pair")
-    for k in todo:
-        parts = []
-        idx = list(spec.shard_range(k))
-        for lo in range(0, len(idx), batch_size):
-            parts.append(_pair_batch(backbone, spec, idx[lo: lo + batch_size], scorer))
-            bar.update(len(parts[-1]["index"]))
-            bar.set_postfix(kept_at_m0=f"{_improved_fraction(parts):.2f}")
-        save_tensors(_shard_path(out, k), {name: torch.cat([p[name] for p in parts]) for name in parts[0]})
-    bar.close()
-    return out
-
-
-@torch.no_grad()
-def _pair_batch(backbone: Backbone, spec: RedenoiseSpec, idx: list[int], scorer: Scorer) -> dict[str, torch.Tensor]:
-    prompts, seeds = zip(*(spec.pair(i) for i in idx))
-    x_T = noise_for_seeds(list(seeds), backbone.latent_shape).to(backbone.device, backbone.dtype)
-    cond, uncond = backbone.encode_prompts(list(prompts)), backbone.encode_prompts([""] * len(idx))
-    target = redenoise(backbone, x_T, cond, uncond, high_cfg=spec.high_cfg, low_cfg=spec.low_cfg,
-                       grid_steps=spec.grid_steps)
-    sampling = SearchSampling(Guidance(spec.filter_cfg), spec.filter_steps)
-    score = [sample_and_score(backbone, scorer, z, cond, uncond, prompts, sampling).cpu() for z in (x_T, target)]
-    return {"index": torch.tensor(idx), "source": x_T.cpu(), "target": target.cpu(),
-            "score_source": score[0], "score_target": score[1]}
-
-
-def _improved_fraction(parts: list[dict[str, torch.Tensor]]) -> float:
-    return float(torch.cat([(p["score_target"] > p["score_source"]).float() for p in parts]).mean())
-
-
-def _shard_path(out: Path, k: int) -> Path:
-    return out / f"pairs-{k:05d}.safetensors"
-
-
-def _check_or_write_manifest(out: Path, spec: RedenoiseSpec, backbone: Backbone) -> None:
-    record = {"spec": asdict(spec), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)}
-    path = out / "manifest.json"
-    if path.is_file():
-        found = read_json(path)
-        if {**found, "base": None} != {**record, "base": None} or not same_model(found["base"], record["base"]):
-            raise NoiseRefineError(f"{out} holds pairs of another spec or base model; use a new folder")
-        return
-    write_json(path, record)
-
-
-@dataclass
-class PairSet:
-    """The kept (source, target, prompt) noise pairs."""
-
-    source: torch.Tensor
-    target: torch.Tensor
-    prompts: list[str]
-    collected: int
-    manifest: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def load_pairs(folder: Path, margin: float = 0.0) -> PairSet:
-    """Finished shards of a pair folder, filtered: keep pairs with s_0 + margin < s_0'."""
-    folder = Path(folder)
-    manifest = read_json(folder / "manifest.json")
-    spec = RedenoiseSpec(**manifest["spec"])
-    shards = [load_tensors(_shard_path(folder, k)) for k in range(spec.num_shards) if _shard_path(folder, k).is_file()]
-    if not shards:
-        raise NoiseRefineError(f"{folder} has no finished pair shards yet")
-    data = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
-    keep = (data["score_source"] + margin < data["score_target"]).nonzero().squeeze(1)
-    if len(keep) == 0:
-        raise NoiseRefineError(f"no pair in {folder} improves its score by the margin {margin}")
-    return PairSet(data["source"][keep], data["target"][keep], [spec.pair(int(i))[0] for i in data["index"][keep]],
-                   len(data["index"]), manifest)
-
-
-# -- Stage II: the network ----------------------------------------------------------------------
 @dataclass
 class NPNetConfig:
     """NPNet's architecture. `channels` and `text_dim` come from the backbone; the spatial size is
@@ -348,10 +194,12 @@ class NPNet(nn.Module):
                                                **(extra or {})})
 
     @classmethod
-    def load(cls, backbone: Backbone, path: str | Path | None = None, force: bool = False) -> "NPNet":
-        """Load an NPNet for `backbone` (the shipped shapes16 one when `path` is None). One fitted to
-        another base model is refused unless `force=True`."""
-        path = Path(path) if path else shipped_path(SHIPPED_WEIGHTS)
+    def load(cls, backbone: Backbone, path: str | Path, force: bool = False) -> "NPNet":
+        """Load the NPNet at `path` for `backbone` (the shipped shapes16 one: `backbone.shipped_weights`).
+        One fitted to another base model is refused unless `force=True`."""
+        path = Path(path)
+        if not path.is_file():
+            raise NoiseRefineError(f"NPNet not found: {path}")
         meta = read_json(path.with_suffix(".json"))
         if meta.get("format") != FORMAT:
             raise NoiseRefineError(f"{path.with_suffix('.json')} is not an NPNet config")
@@ -367,118 +215,6 @@ class NPNet(nn.Module):
         return net.to(backbone.device).eval()
 
 
-# -- Stage II: training -------------------------------------------------------------------------
-@dataclass
-class NPNetTrainConfig:
-    """MSE training on the kept pairs: AdamW, cosine learning-rate decay, batches drawn by
-    generators seeded with (seed, step) so a resumed run equals an uninterrupted one."""
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    margin: float = 0.0
-    val_fraction: float = 0.05
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
-    patch: int = 2
-    seed: int = 0
-    checkpoint_every: int = 200
-
-
-def train_npnet(backbone: Backbone, pairs: Path, out: Path, cfg: NPNetTrainConfig = NPNetTrainConfig(),
-                progress: bool = True) -> Path:
-    """Train (or resume) NPNet on a pair folder. Writes `out/npnet.safetensors` + JSON; atomic
-    checkpoints under `out/checkpoint` every `checkpoint_every` steps."""
-    data = load_pairs(pairs, cfg.margin)
-    if not same_model(data.manifest["base"], backbone.fingerprint()):
-        raise NoiseRefineError(f"pairs were collected with {data.manifest['base']}, the model here is {backbone.fingerprint()}")
-    emb = _prompt_table(backbone, data.prompts)
-    train_idx, val_idx = _split(len(data), cfg.val_fraction)
-    torch.manual_seed(cfg.seed)
-    net = NPNet.for_backbone(backbone, width=cfg.width, depth=cfg.depth, heads=cfg.heads, patch=cfg.patch)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
-    out = ensure_out_dir(out)
-    start, losses = _resume(out, net, opt, cfg)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train npnet", disable=not progress)
-    t0 = time.time()
-    for step in bar:
-        losses.append(_train_step(net, opt, data, emb, train_idx, cfg, step))
-        bar.set_postfix(mse=f"{np.mean(losses[-50:]):.5f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out / "checkpoint", step + 1, {"npnet": net}, opt,
-                            {"losses": losses, "config": _comparable(cfg)})
-    path = out / "npnet.safetensors"
-    net.save(path, backbone.fingerprint(), {
-        "training": asdict(cfg), "pairs": str(pairs), "redenoise": _redenoise_summary(data.manifest["spec"]),
-        "pairs_collected": data.collected, "pairs_kept": len(data), "final_mse_avg50": float(np.mean(losses[-50:])),
-        **_validation(net, data, emb, val_idx), "train_seconds_this_run": round(time.time() - t0, 1)})
-    return path
-
-
-def _resume(out: Path, net: NPNet, opt: torch.optim.Optimizer, cfg: NPNetTrainConfig) -> tuple[int, list[float]]:
-    """(step, losses) of the checkpoint in `out`, restored into net and opt; (0, []) if none.
-    The configuration is compared first: another architecture's weights would not even load."""
-    check_resume_config(out / "checkpoint", _comparable(cfg))
-    meta = load_checkpoint(out / "checkpoint", {"npnet": net}, opt)
-    return (meta["step"], meta["losses"]) if meta else (0, [])
-
-
-def _train_step(net: NPNet, opt: torch.optim.Optimizer, data: PairSet, emb: torch.Tensor, train_idx: np.ndarray,
-                cfg: NPNetTrainConfig, step: int) -> float:
-    for group in opt.param_groups:  # cosine decay, a function of the step alone (resumable)
-        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-    rng = np.random.default_rng([cfg.seed, step])
-    idx = torch.from_numpy(train_idx[rng.choice(len(train_idx), size=cfg.batch_size, replace=len(train_idx) < cfg.batch_size)])
-    dev = emb.device
-    loss = F.mse_loss(net(data.source[idx].to(dev), emb[idx]), data.target[idx].to(dev).float())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
-@torch.no_grad()
-def _prompt_table(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
-    """(N, D) pooled embedding of each pair's own prompt (each distinct prompt encoded once)."""
-    unique = sorted(set(prompts))
-    table = pooled_prompt_embedding(backbone.encode_prompts(unique))
-    return table[torch.tensor([unique.index(p) for p in prompts], device=table.device)]
-
-
-def _split(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed validation split (every k-th pair), so resumed runs see the same one."""
-    if not 0 <= val_fraction < 1:
-        raise NoiseRefineError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    every = round(1 / val_fraction) if val_fraction else n + 1
-    val = np.arange(every - 1, n, every)
-    return np.setdiff1d(np.arange(n), val), val
-
-
-@torch.no_grad()
-def _validation(net: NPNet, data: PairSet, emb: torch.Tensor, val_idx: np.ndarray) -> dict[str, float]:
-    """Held-out MSE of NPNet and of the identity (predicting x_T' = x_T)."""
-    if len(val_idx) == 0:
-        return {}
-    idx = torch.from_numpy(val_idx)
-    src, tgt = data.source[idx].to(emb.device), data.target[idx].to(emb.device).float()
-    return {"val_mse": float(F.mse_loss(net(src, emb[idx]), tgt)), "val_mse_identity": float(F.mse_loss(src.float(), tgt)),
-            "val_pairs": len(val_idx)}
-
-
-def _redenoise_summary(spec: dict[str, Any]) -> dict[str, Any]:
-    """The pair spec without its (long) prompt and seed lists."""
-    return {k: v for k, v in spec.items() if k not in ("prompts", "seeds")} | {
-        "num_prompts": len(spec["prompts"]), "num_seeds": len(spec["seeds"])}
-
-
-def _comparable(cfg: NPNetTrainConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d.pop("checkpoint_every")
-    return d
-
-
-# -- Stage III: inference -----------------------------------------------------------------------
 class GoldenNoise:
     """NPNet as a noise method: `GoldenNoise(npnet, backbone)(x_T, prompts)` -> golden noise.
     No denoiser evaluation: one prompt encoding and one small network pass per batch."""
