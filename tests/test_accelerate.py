@@ -72,6 +72,7 @@ def test_two_processes_equal_one(tmp_path):
     from sd_components import make_tiny_sd_pipe
 
     from noiserefine.io import load_tensors, read_json
+    from noiserefine.methods.refiner_folder import read_folder
 
     torch.set_num_threads(1)
     model = tmp_path / "model"
@@ -96,8 +97,7 @@ def test_two_processes_equal_one(tmp_path):
         assert one.keys() == two.keys()
         for name in one:
             assert torch.equal(one[name], two[name]), f"shard {k} {name} differs"
-    w1 = load_tensors(tmp_path / "one" / "run" / "refiner.safetensors")
-    w2 = load_tensors(tmp_path / "two" / "run" / "refiner.safetensors")
+    w1, w2 = (read_folder(tmp_path / d / "run" / "refiner")[0] for d in ("one", "two"))  # refiner weight names
     assert w1.keys() == w2.keys()
     assert w1["delta_head.weight"].abs().max() > 1e-3  # the two steps did train
     head = max((w1[k] - w2[k]).abs().max().item() for k in w1 if k.startswith("delta_head."))
@@ -107,7 +107,8 @@ def test_two_processes_equal_one(tmp_path):
     lora = torch.cat([(w1[k] - w2[k]).flatten() for k in w1 if "lora_" in k]).abs()
     off = (lora > 1e-3 * LR).float().mean().item()
     assert head <= 1e-5 and rel <= 1e-4 and off <= 5e-3 and worst <= 0.1 * LR, (head, rel, off, worst)
-    loss1, loss2 = (read_json(tmp_path / d / "run" / "refiner.json")["final_loss_avg20"] for d in ("one", "two"))
+    loss1, loss2 = (read_json(tmp_path / d / "run" / "refiner" / "noiserefine.json")["final_loss_avg20"]
+                    for d in ("one", "two"))
     assert abs(loss1 - loss2) <= 1e-5 * abs(loss1)
 
 

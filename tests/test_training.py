@@ -14,6 +14,7 @@ from noiserefine.checkpoint import read_checkpoint
 from noiserefine.errors import NoiseRefineError
 from noiserefine.guidance import Guidance, Teacher
 from noiserefine.io import load_tensors
+from noiserefine.methods.refiner_folder import read_folder
 from noiserefine.targets import TargetSpec, generate_targets, load_targets
 from noiserefine.train import TrainConfig, train_refiner
 from noiserefine.world import ALL_PROMPTS
@@ -69,7 +70,7 @@ def test_keep_fraction_keeps_the_best_scores(targets_dir, tmp_path):
 
 
 def _weights(path):
-    return load_tensors(path)
+    return read_folder(path)[0]  # the refiner folder's weights, by the refiner's own names
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -177,7 +178,7 @@ def test_interval_teacher_is_recorded_and_checked(targets_dir, tmp_path):
     with pytest.raises(NoiseRefineError, match="another base model or teacher"):
         load_targets([targets_dir, out])
     train_refiner(bb, out, tmp_path / "r", TrainConfig(steps=1, rank=4, batch_size=2), progress=False)
-    teacher = json.loads((tmp_path / "r" / "refiner.json").read_text())["config"]["teacher"]
+    teacher = json.loads((tmp_path / "r" / "refiner" / "noiserefine.json").read_text())["config"]["teacher"]
     assert (teacher["guidance_start"], teacher["guidance_stop"]) == (0.5, 1.0)
 
 

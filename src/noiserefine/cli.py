@@ -320,7 +320,8 @@ def _train_default(name: str) -> Any:
 @click.option("--keep-fraction", default=_train_default("keep_fraction"),
               help="train on the best fraction of targets by score")
 @click.option("--scale-conditioning", is_flag=True, help="condition the refiner on the teacher's scale")
-@click.option("--init-from", default=None, help="start from this refiner .safetensors (same rank and layers)")
+@click.option("--init-from", default=None,
+              help="start from this refiner (folder, Hub id or old .safetensors; same rank and layers)")
 @click.option("--gradient-checkpointing", is_flag=True, help="recompute denoiser activations in backward")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
               help="autocast (default: accelerate launch's, else the --dtype's); refiner weights stay fp32")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone, same_model
-from noiserefine.io import OutputFolder, load_tensors
+from noiserefine.io import OutputFolder
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
@@ -34,7 +34,7 @@ from noiserefine.targets import TargetSet, load_targets
 from noiserefine.training_loop import LoopSettings, run_training_loop
 
 LossName = Literal["msd", "full", "noise"]
-RESULTS = ("checkpoint", "refiner.safetensors", "refiner.json")
+RESULTS = ("checkpoint", "refiner", "refiner.safetensors", "refiner.json")  # the last two: runs before folders
 """What a training run writes into its folder (`OutputFolder` results; a run there resumes)."""
 
 
@@ -94,7 +94,8 @@ def _global_batch(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
 
 def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path, cfg: TrainConfig = TrainConfig(),
                   accelerator: Accelerator | None = None, progress: bool = True, overwrite: bool = False) -> Path:
-    """Train (or resume) a refiner on one or more target folders. Writes `out/refiner.safetensors` + JSON,
+    """Train (or resume) a refiner on one or more target folders. Writes the refiner folder `out/refiner`
+    (`NoiseRefiner.save_pretrained`: a PEFT adapter folder + noiserefine.json + model card) and returns it;
     checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps). `overwrite` deletes an
     earlier run in `out` (once the inputs are validated) instead of resuming it."""
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
@@ -118,7 +119,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
                                                    target_modules=cfg.target_modules,
                                                    scale_conditioning=cfg.scale_conditioning, teacher=teacher))
     if cfg.init_from:
-        refiner.load_refiner_state_dict(load_tensors(Path(cfg.init_from)))
+        refiner.load_weights_from(cfg.init_from)
     _trainable_in_fp32(refiner, acc)
     if cfg.gradient_checkpointing:
         refiner.enable_gradient_checkpointing()
@@ -130,11 +131,11 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     folder.open()  # after validation; under `overwrite` the old run goes before the loop could resume it
     run = run_training_loop(loop, {"refiner": _RefinerState(refiner)}, opt,
                             lambda step: _train_step(objective, opt, params, data, inv, cfg, step, acc))
-    path = out / "refiner.safetensors"
+    path = out / "refiner"
     if acc.is_main_process:
-        refiner.save(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
-                            "final_loss_avg20": float(np.mean(run.losses[-20:])),
-                            "train_seconds_this_run": round(run.seconds, 1)})
+        refiner.save_pretrained(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
+                                       "final_loss_avg20": float(np.mean(run.losses[-20:])),
+                                       "train_seconds_this_run": round(run.seconds, 1)})
     acc.wait_for_everyone()
     return path
 
