@@ -457,6 +457,16 @@ def golden_train(pairs: Path, model: str | None, out: Path, overwrite: bool, **c
 
 
 # -- evaluation -------------------------------------------------------------------------------
+def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--threads and --rounds of the bench's clock (`noiserefine.evaluation.timing`)."""
+    from noiserefine.evaluation.timing import DEFAULT_ROUNDS, DEFAULT_THREADS
+
+    fn = click.option("--rounds", default=DEFAULT_ROUNDS, help="interleaved timing rounds: round k samples the "
+                      "k-th part of every row, so load on a shared machine hits every row alike")(fn)
+    return click.option("--threads", default=DEFAULT_THREADS, help="torch threads (more run faster on an idle "
+                        "machine, but other load then skews the time ratios)")(fn)
+
+
 @main.command()
 @click.option("--n", default=1000, help="images per row")
 @click.option("--batch-size", default=250)
@@ -474,10 +484,11 @@ def golden_train(pairs: Path, model: str | None, out: Path, overwrite: bool, **c
               help="prompt and seed draw: tune on dev; report on test, which no choice may touch")
 @click.option("--out", type=PATH, required=True)
 @_overwrite_option("a bench")
+@_timing_options
 @_friendly_errors
 def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool, model: str | None,
           guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None,
-          scorer: str | None, split: str, out: Path, overwrite: bool) -> None:
+          scorer: str | None, split: str, out: Path, overwrite: bool, threads: int, rounds: int) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
 
     On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures
@@ -492,22 +503,23 @@ def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool,
     prompts = _read_prompts(prompt_file) if prompt_file else None
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
                          dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide,
-                         scorer=scorer, split=split, overwrite=overwrite).read_text())
+                         scorer=scorer, split=split, overwrite=overwrite, threads=threads, rounds=rounds).read_text())
 
 
 @main.command()
 @click.option("--n", default=200, help="bench images per row (the full bench uses 1000)")
 @click.option("--out", type=PATH, required=True)
 @_overwrite_option("a demo")
+@_timing_options
 @_friendly_errors
-def demo(n: int, out: Path, overwrite: bool) -> None:
+def demo(n: int, out: Path, overwrite: bool, threads: int, rounds: int) -> None:
     """The main job on the embedded default: picture grid (grid.png) + bench table.
 
     Example: noiserefine demo --out runs/demo
     """
     from noiserefine.demo import run_demo
 
-    click.echo(run_demo(out, n=n, overwrite=overwrite).read_text())
+    click.echo(run_demo(out, n=n, overwrite=overwrite, threads=threads, rounds=rounds).read_text())
 
 
 @main.command()

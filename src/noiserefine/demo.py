@@ -11,6 +11,7 @@ from PIL import Image
 
 from noiserefine.api import load_refiner
 from noiserefine.evaluation.bench import RESULTS as BENCH_RESULTS, check_bench_size, run_bench
+from noiserefine.evaluation.timing import DEFAULT_ROUNDS, DEFAULT_THREADS, check_timing, torch_threads
 from noiserefine.generation import SamplingOptions, generate_latents
 from noiserefine.guidance import Guidance
 from noiserefine.io import OutputFolder, ensure_out_dir
@@ -46,11 +47,15 @@ def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) 
     return path
 
 
-def run_demo(out: Path, n: int = 200, overwrite: bool = False) -> Path:
+def run_demo(out: Path, n: int = 200, overwrite: bool = False, threads: int = DEFAULT_THREADS,
+             rounds: int = DEFAULT_ROUNDS) -> Path:
     """Grid + bench into `out` (a folder holding a demo is refused unless `overwrite`); returns the
-    bench table path."""
+    bench table path. Both run with `threads` torch threads; the bench times its rows in `rounds`
+    interleaved rounds (`noiserefine.evaluation.timing`)."""
     folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
     check_bench_size(n)
+    check_timing(threads, rounds)
     torch.manual_seed(0)
-    picture_grid(folder.open())
-    return run_bench(out, n=n)
+    with torch_threads(threads):
+        picture_grid(folder.open())
+    return run_bench(out, n=n, threads=threads, rounds=rounds)

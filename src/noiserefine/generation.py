@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -66,11 +69,14 @@ def generate_latents(backbone: Backbone, prompts: Sequence[str], seeds: Sequence
         raise NoiseRefineError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     method = method or GaussianNoise()
     out = []
-    for lo in tqdm(range(0, len(prompts), options.batch_size), disable=not progress, desc=method.name):
-        p = list(prompts[lo: lo + options.batch_size])
-        x_T = noise_for_seeds(list(seeds[lo: lo + options.batch_size]), backbone.latent_shape)
-        x_T = method(x_T.to(backbone.device, backbone.dtype), p)
-        out.append(sample_from_noise(backbone, x_T, p, options))
+    with tqdm(total=len(prompts), disable=not progress, desc=method.name, unit="img") as bar, \
+            (progress_notes(bar) if progress else contextlib.nullcontext()):
+        for lo in range(0, len(prompts), options.batch_size):
+            p = list(prompts[lo: lo + options.batch_size])
+            x_T = noise_for_seeds(list(seeds[lo: lo + options.batch_size]), backbone.latent_shape)
+            x_T = method(x_T.to(backbone.device, backbone.dtype), p)
+            out.append(sample_from_noise(backbone, x_T, p, options))
+            bar.update(len(p))
     return torch.cat(out)
 
 
@@ -81,4 +87,40 @@ def sample_from_noise(backbone: Backbone, x_T: torch.Tensor, prompts: Sequence[s
     cond = conditioning(backbone, prompts, options.guidance)
     uncond = backbone.encode_prompts([""] * len(prompts)) if options.guidance.uses_uncond else None
     sched = make_scheduler(options.scheduler, backbone.scheduler_config)
-    return denoise(backbone, sched, x_T, cond, uncond=uncond, guidance=options.guidance, steps=options.steps)
+    step = (lambda i, t, x: progress_note(f"step {i + 1}/{options.steps}")) if _NOTES.get() else None
+    return denoise(backbone, sched, x_T, cond, uncond=uncond, guidance=options.guidance, steps=options.steps,
+                   callback=step)
+
+
+class _Notes:
+    """Notes shown after a progress bar's count, redrawn at most every 0.2 s."""
+
+    def __init__(self, bar: tqdm, prefix: str) -> None:
+        self.bar, self.prefix, self.drawn = bar, prefix, 0.0
+
+    def show(self, text: str) -> None:
+        self.bar.set_postfix_str(self.prefix + text, refresh=False)
+        if time.monotonic() - self.drawn >= 0.2:
+            self.bar.refresh()
+            self.drawn = time.monotonic()
+
+
+_NOTES: ContextVar[_Notes | None] = ContextVar("noiserefine_progress_notes", default=None)
+
+
+@contextlib.contextmanager
+def progress_notes(bar: tqdm | None, prefix: str = "") -> Iterator[None]:
+    """Inside the block, `progress_note` texts (the sampler's step, a search method's round)
+    show beside `bar`'s count of images, after `prefix` (None: nowhere)."""
+    token = _NOTES.set(_Notes(bar, prefix) if bar is not None else None)
+    try:
+        yield
+    finally:
+        _NOTES.reset(token)
+
+
+def progress_note(text: str) -> None:
+    """Show `text` beside the progress bar of the running `generate_latents` (or bench), if any."""
+    notes = _NOTES.get()
+    if notes is not None:
+        notes.show(text)

@@ -9,11 +9,8 @@ expensive row: the first N of the same prompts and seeds), `strengthS`. Examples
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +22,9 @@ from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.evaluation.scorers import scorer_for
-from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents
+from noiserefine.evaluation.timing import (DEFAULT_ROUNDS, DEFAULT_THREADS, MachineLoad, RowClock, check_timing,
+                                           chunk_bounds, load_warning, schedule, torch_threads)
+from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents, progress_notes
 from noiserefine.guidance import UNGUIDED, Guidance, Teacher, check_guide
 from noiserefine.io import OutputFolder, write_json
 from noiserefine.methods import registry
@@ -130,70 +129,111 @@ def bench_setup(n: int, batch_size: int, prompt_pool: Sequence[str] = ALL_PROMPT
     return BenchSetup(prompts, [SPLITS[split].noise_seed_offset + i for i in range(n)], batch_size)
 
 
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms (CPU), or CUDA's own
-    peak counter on a GPU."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+Score = Callable[[torch.Tensor, list[str]], dict[str, float]]
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+@dataclass
+class RowRun:
+    """One row in the interleaved rounds: its method, its images split into chunks (one per
+    round), its clock and the images sampled so far."""
+
+    backbone: Backbone
+    spec: RowSpec
+    method: NoiseMethod
+    prompts: list[str]
+    seeds: list[int]
+    options: SamplingOptions
+    chunks: list[tuple[int, int]]
+    clock: RowClock = field(default_factory=RowClock)
+    images: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: BenchSetup,
+              rounds: int) -> "RowRun":
+        """The row's first n images (all when its spec names none) in `rounds` chunks."""
+        n = _row_size(spec, setup)
+        options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
+        return cls(backbone, spec, method, setup.prompts[:n], setup.seeds[:n], options,
+                   chunk_bounds(n, setup.batch_size, rounds))
+
+    def warm_up(self) -> None:
+        """Two steps on the first images touch every code path (untimed; a search method's
+        statistics count these images too, as they always have)."""
+        warm = min(self.options.batch_size, len(self.prompts), 32)
+        generate_latents(self.backbone, self.prompts[:warm], self.seeds[:warm], self.method,
+                         replace(self.options, steps=min(self.spec.steps, 2)))
+
+    def run_chunk(self, k: int) -> int:
+        """Sample, decode and time chunk k (as saved: 8-bit); returns its number of images."""
+        lo, hi = self.chunks[k]
+        with self.clock.measure():
+            latents = generate_latents(self.backbone, self.prompts[lo:hi], self.seeds[lo:hi], self.method, self.options)
+            self.images.append(as_saved(self.backbone.decode(latents)))
+        return hi - lo
+
+    def finish(self, score: Score) -> dict[str, Any]:
+        """The row's record: cost per image (wall and process CPU time summed over its chunks,
+        peak memory of any chunk) and the scores of all its images at once."""
+        spec, n, stats = self.spec, len(self.prompts), getattr(self.method, "stats", {})
+        nfe = spec.guidance.nfe(spec.steps) + self.method.extra_nfe
+        return {"row": spec.label, "method": spec.method, **spec.guidance.to_record(), "steps": spec.steps,
+                **dict(spec.options), "n_images": n, "nfe_per_image": round(float(stats.get("nfe_per_image", nfe)), 2),
+                "sec_per_image": self.clock.wall / n, "cpu_sec_per_image": self.clock.cpu / n,
+                "rounds": self.clock.chunks, "peak_mem_mb": round(self.clock.peak_mb, 1),
+                **score(torch.cat(self.images), self.prompts), **stats}
 
 
-def run_row(backbone: Backbone, spec: RowSpec, method: NoiseMethod, setup: BenchSetup,
-            score: Callable[[torch.Tensor, list[str]], dict[str, float]]) -> tuple[dict[str, Any], torch.Tensor]:
-    """Time one row (after a one-batch warm-up) and score it."""
-    n = min(spec.n or len(setup.prompts), len(setup.prompts))
-    prompts, seeds = setup.prompts[:n], setup.seeds[:n]
-    options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
-    warm = min(setup.batch_size, n, 32)  # two steps touch every code path; timing starts after
-    generate_latents(backbone, prompts[:warm], seeds[:warm], method, replace(options, steps=min(spec.steps, 2)))
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        latents = generate_latents(backbone, prompts, seeds, method, options)
-        images = as_saved(backbone.decode(latents))
-        seconds = time.perf_counter() - t0
-    nfe = spec.guidance.nfe(spec.steps) + method.extra_nfe
-    row = {"row": spec.label, "method": spec.method, **spec.guidance.to_record(), "steps": spec.steps,
-           **dict(spec.options),
-           "n_images": n, "nfe_per_image": round(float(getattr(method, "stats", {}).get("nfe_per_image", nfe)), 2),
-           "sec_per_image": seconds / n, "peak_mem_mb": round(mem.extra_mb, 1),
-           **score(images, prompts), **getattr(method, "stats", {})}
-    return row, images
+def run_rows(backbone: Backbone, specs: Sequence[RowSpec], build: Callable[[RowSpec, list[dict]], NoiseMethod],
+             setup: BenchSetup, score: Score, rounds: int = DEFAULT_ROUNDS, progress: bool = False) -> list[dict]:
+    """Time the rows in interleaved rounds and score them; one record per spec, in order.
+
+    Every row is warmed up first, then round k samples chunk k of every row (`schedule`), so load
+    that hits the machine at some moment hits every row alike. `build(spec, done)` makes a row's
+    method from the records of the rows before it that are done: a row that reads them (best-of-n
+    takes Noise Diffusion's scorer budget) runs in a later set of rounds (`_waves`). The progress
+    bar counts images.
+    """
+    done: dict[int, dict] = {}
+    with tqdm(total=sum(_row_size(s, setup) for s in specs), unit="img", desc="bench", disable=not progress) as bar:
+        for wave in _waves(specs):
+            runs = [RowRun.start(backbone, specs[i], build(specs[i], [done[j] for j in sorted(done) if j < i]),
+                                 setup, rounds) for i in wave]
+            for run in runs:
+                bar.set_postfix_str(f"warm-up {run.spec.label}")
+                run.warm_up()
+            chunks = [len(run.chunks) for run in runs]
+            for k, r in schedule(chunks):
+                label = f"round {k + 1}/{max(chunks)} {runs[r].spec.label}"
+                bar.set_postfix_str(label)
+                with progress_notes(bar if progress else None, label + ": "):  # steps, search rounds
+                    bar.update(runs[r].run_chunk(k))
+            bar.set_postfix_str("scoring")
+            done |= {i: run.finish(score) for i, run in zip(wave, runs)}
+    return [done[i] for i in range(len(specs))]
+
+
+def _waves(specs: Sequence[RowSpec]) -> list[list[int]]:
+    """Row indices in sets of interleaved rounds: a best-of-n row without its own budget takes its
+    scorer budget from the last Noise Diffusion row before it (`_method_opts`), so it runs in a
+    set after that row's."""
+    level: list[int] = []
+    for i, spec in enumerate(specs):
+        waits = spec.method == "best-of-n" and "budget" not in dict(spec.options)
+        nd = [j for j in range(i) if specs[j].method == "noise-diffusion"] if waits else []
+        level.append(level[nd[-1]] + 1 if nd else 0)
+    return [[i for i, w in enumerate(level) if w == k] for k in range(max(level, default=-1) + 1)]
+
+
+def _row_size(spec: RowSpec, setup: BenchSetup) -> int:
+    return min(spec.n or len(setup.prompts), len(setup.prompts))
 
 
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
               refiner: Path | None = None, model: str | None = None, progress: bool = True,
               prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
               force: bool = False, guide: str | None = None, scorer: str | None = None,
-              overwrite: bool = False, split: str = "dev") -> Path:
+              overwrite: bool = False, split: str = "dev", threads: int = DEFAULT_THREADS,
+              rounds: int = DEFAULT_ROUNDS) -> Path:
     """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path (a
     folder holding a bench is refused unless `overwrite`; the folder is made when the rows are done).
 
@@ -203,9 +243,14 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     (default: the shapes16 prompts, which any text-to-image model can read), drawn with `split`'s
     seeds ("dev" to tune on, "test" to report). A refined row's teacher row is added to the run
     when missing (for a scale-conditioned refiner, the teacher at the row's scale `wW`).
+
+    Rows are sampled with `threads` torch threads and timed in `rounds` interleaved rounds
+    (`noiserefine.evaluation.timing`); bench.json records the machine's load, and the table warns
+    when other work competed for the CPUs.
     """
     folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite).check()
     check_bench_size(n, batch_size)
+    check_timing(threads, rounds)
     backbone = load_backbone(model, guide=guide, dtype=dtype)
     suite = SUITES.get(getattr(backbone, "world", None), REAL_MODEL_SUITE)
     specs = [parse_row(r) for r in (suite.rows if rows == "default" else rows).split(",")]
@@ -224,24 +269,29 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     for k, row in enumerate(dict.fromkeys(teachers.values())):  # a teacher's row must be in the same run
         if not any(_same_guidance(s, row) for s in specs):
             specs.insert(1 + k, row)
-    results = []
-    for spec in tqdm(specs, desc="bench rows", disable=not progress):
+
+    def build(spec: RowSpec, results: list[dict]) -> NoiseMethod:
         options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
-        method = registry.build(spec.method, replace(ctx, sampling=options), **_method_opts(spec, results))
-        row, _ = run_row(backbone, spec, method, setup, score)
+        return registry.build(spec.method, replace(ctx, sampling=options), **_method_opts(spec, results))
+
+    load = MachineLoad(threads)
+    with torch_threads(threads):
+        results = run_rows(backbone, specs, build, setup, score, rounds, progress)
+    load.finish()
+    for spec, row in zip(specs, results):
         if spec in teachers:
             teacher = teachers[spec]
             row |= {"teacher_" + k: v for k, v in teacher.guidance.to_record().items()} | {"teacher_row": teacher.label}
-        results.append(row)
     reference = next(iter(teachers.values()), None) or next((s for s in specs if s.method == "gaussian" and s.guidance.cfg != 1
                                  and not s.guidance.uses_pag and not s.guidance.uses_auto
                                  and not s.guidance.limited), specs[0])
     ref_row = next(r for r in results if r["row"] == reference.label)
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
+        r["cpu_ratio_to_cfg"] = r["cpu_sec_per_image"] / ref_row["cpu_sec_per_image"]
     meta = {"n": n, "split": split, "batch_size": batch_size, "sampler": "ddim (trailing)",
             "reference_row": reference.label,
-            "torch_threads": torch.get_num_threads(), "device": str(backbone.device),
+            "torch_threads": threads, "rounds": rounds, "load": load.to_record(), "device": str(backbone.device),
             "methods": list(dict.fromkeys(s.method for s in specs)),
             "model": model or "shapes16", "backbone": type(backbone).__name__, "dtype": str(backbone.dtype).removeprefix("torch.")}
     out = folder.open()
@@ -301,32 +351,39 @@ def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    head = ("| row | NFE/img | s/img | x CFG-ref time | adherence | held-out adh. | color | shape | position "
-            "| FD | held-out FD | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| row | NFE/img | s/img | CPU s/img | x CFG-ref time | adherence | held-out adh. | color | shape "
+            "| position | FD | held-out FD | peak MB |\n" + "|---" * 13 + "|\n")
     body = "".join(
-        f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} "
-        f"| {r['sec_per_image'] * 1e3:.2f} ms | {r['ratio_to_cfg']:.2f} | {r['adherence']:.3f} "
+        f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} | {r['sec_per_image'] * 1e3:.2f} ms "
+        f"| {r['cpu_sec_per_image'] * 1e3:.2f} ms | {r['ratio_to_cfg']:.2f} | {r['adherence']:.3f} "
         f"| {r.get('heldout_adherence', float('nan')):.3f} | {r['acc_color']:.3f} | {r['acc_shape']:.3f} "
         f"| {r['acc_position']:.3f} | {r['fd']:.1f} | {r.get('heldout_fd', float('nan')):.1f} | {r['peak_mem_mb']:.0f} |\n"
         for r in rows)
     note = (f"\n{meta['n']} images per row (same prompts and seeds), {meta['sampler']}, batch {meta['batch_size']}, "
-            f"{meta['torch_threads']} torch thread(s) on {meta['device']}; time ratio is to `{meta['reference_row']}`.\n")
-    return head + body + note
+            f"{meta['torch_threads']} torch thread(s) on {meta['device']}, {_timing_note(meta)}; time ratio is to "
+            f"`{meta['reference_row']}`.\n")
+    return head + body + note + load_warning(meta["load"])
 
 
 def format_real_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table for a real model: cost columns, and the CLIP score where one was computed."""
     clip = any("clip_score" in r for r in rows)
-    head = "| row | NFE/img | s/img | x CFG-ref time |" + (" CLIP score |" if clip else "") + " peak MB |\n"
-    head += "|---" * (5 + clip) + "|\n"
+    head = "| row | NFE/img | s/img | CPU s/img | x CFG-ref time |" + (" CLIP score |" if clip else "") + " peak MB |\n"
+    head += "|---" * (6 + clip) + "|\n"
     body = "".join(
         f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} | {r['sec_per_image']:.3f} s "
-        f"| {r['ratio_to_cfg']:.2f} |" + (f" {r.get('clip_score', float('nan')):.2f} |" if clip else "")
+        f"| {r['cpu_sec_per_image']:.3f} s | {r['ratio_to_cfg']:.2f} |" + (f" {r.get('clip_score', float('nan')):.2f} |" if clip else "")
         + f" {r['peak_mem_mb']:.0f} |\n" for r in rows)
     note = (f"\n{meta['model']} ({meta['dtype']}), {meta['n']} images per row (same prompts and seeds), "
-            f"{meta['sampler']}, batch {meta['batch_size']}, on {meta['device']}; time ratio is to "
-            f"`{meta['reference_row']}`.\n")
-    return head + body + note
+            f"{meta['sampler']}, batch {meta['batch_size']}, {meta['torch_threads']} torch thread(s) on {meta['device']}, "
+            f"{_timing_note(meta)}; time ratio is to `{meta['reference_row']}`.\n")
+    return head + body + note + load_warning(meta["load"])
+
+
+def _timing_note(meta: dict[str, Any]) -> str:
+    return (f"times summed over {meta['rounds']} interleaved rounds (CPU: process CPU time; 1-minute load average "
+            f"{meta['load']['loadavg_before'][0]:g} before, {meta['load']['loadavg_after'][0]:g} after, "
+            f"{meta['load']['cpus']} CPUs)")
 
 
 @dataclass(frozen=True)

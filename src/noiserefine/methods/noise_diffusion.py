@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.generation import progress_note
 from noiserefine.methods.search import (Candidates, SearchResult, SearchSampling, SearchStats, encode,
                                         sample_and_score, take)
 from noiserefine.sampling import check_noise
@@ -88,6 +89,7 @@ def optimize_noise(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompt
     active = torch.arange(len(z), device=z.device)
     bar = tqdm(range(1, config.rounds + 1), disable=not progress, desc="noise diffusion", leave=False)
     for k in bar:
+        progress_note(f"search round {k}/{config.rounds}: {len(active)} of {len(z)} images searching")
         z_a = z[active].requires_grad_(True)
         with torch.enable_grad():  # the search needs ds/dz even when called under no_grad
             score = sample_and_score(backbone, scorer, z_a, take(cond, active), take(uncond, active),

@@ -17,7 +17,7 @@ import torch
 
 from noiserefine.backbones.base import Backbone, Cond
 from noiserefine.errors import NoiseRefineError
-from noiserefine.generation import SamplingOptions
+from noiserefine.generation import SamplingOptions, progress_note
 from noiserefine.guidance import conditioning
 from noiserefine.sampling import GradMode, check_noise, denoise, make_scheduler
 from noiserefine.scoring import Scorer
@@ -114,6 +114,7 @@ def best_of_n(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompts: Se
     fresh = Candidates(x_T).draw(rows, n - 1).to(x_T.device, x_T.dtype)
     best, best_score = x_T.clone(), torch.full((len(x_T),), -torch.inf, device=x_T.device)
     for k in range(n):
+        progress_note(f"candidate {k + 1}/{n}")
         z = x_T if k == 0 else fresh[:, k - 1]
         score = sample_and_score(backbone, scorer, z, cond, uncond, prompts, sampling)
         better = score > best_score
