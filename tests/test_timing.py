@@ -192,6 +192,9 @@ class BarLog:
     def refresh(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def test_progress_counts_images_and_shows_search_rounds_and_steps(tiny_shapes16, monkeypatch):
     monkeypatch.setattr(generation, "tqdm", BarLog)
@@ -221,3 +224,15 @@ def test_bench_progress_counts_every_rows_images(monkeypatch, tiny_shapes16):
     (bar,) = BarLog.made
     assert bar.total == 9 and sum(bar.updates) == 9 and len(bar.updates) == 6
     assert any(note.startswith("round 3/3 gaussian (unguided, 1 steps)") for note in bar.notes)
+
+
+def test_sample_shows_the_samplers_steps_beside_its_count_of_images(tiny_shapes16, monkeypatch, tmp_path):
+    from noiserefine import samples
+
+    monkeypatch.setattr(samples, "tqdm", BarLog)
+    BarLog.made = []
+    rows = [{"file": f"{k}.png", "prompt": "a red circle on the left", "seed": k} for k in range(3)]
+    samples.write_samples(tmp_path, tiny_shapes16, generation.GaussianNoise(), SamplingOptions(steps=2, batch_size=2),
+                          rows, rows)
+    (bar,) = BarLog.made
+    assert bar.total == 3 and bar.updates == [2, 1] and "step 2/2" in bar.notes

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.evaluation.folder import MANIFEST
-from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents
+from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents, progress_notes
 from noiserefine.io import OutputFolder, atomic_write_bytes
 from noiserefine.sampling import to_uint8
 
@@ -63,7 +63,9 @@ def write_samples(out: Path, backbone: Backbone, method: NoiseMethod, sampling: 
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=method.name, unit="img")
     for lo in range(0, len(todo), sampling.batch_size):
         batch = todo[lo: lo + sampling.batch_size]
-        latents = generate_latents(backbone, [r["prompt"] for r in batch], [r["seed"] for r in batch], method, sampling)
+        with progress_notes(bar):  # the sampler's step, a search method's round
+            latents = generate_latents(backbone, [r["prompt"] for r in batch], [r["seed"] for r in batch], method,
+                                       sampling)
         for row, image in zip(batch, to_uint8(backbone.decode(latents))):
             Image.fromarray(image).save(out / row["file"])
         done |= {row["file"] for row in batch}
