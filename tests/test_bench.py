@@ -68,3 +68,16 @@ def test_scale_conditioned_refiner_rows_get_their_teacher_at_each_scale(tmp_path
                          "refined (unguided, 2 steps, w=2)", "refined (unguided, 2 steps, w=3)"}
     assert rows["refined (unguided, 2 steps, w=3)"]["teacher_row"] == "gaussian (cfg3, 2 steps)"
     assert report["meta"]["split"] == "test"
+
+
+def test_refiner_and_npnet_weights_go_to_their_own_rows(tmp_path):
+    """--refiner names the refined rows' weights only: a golden row beside them keeps its NPNet."""
+    from noiserefine.io import shipped_path
+
+    run_bench(tmp_path / "b", n=2, batch_size=2, rows="golden@steps2,refined@steps2", progress=False,
+              refiner=shipped_path("shapes16-refiner.safetensors"))
+    rows = [r["row"] for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]]
+    assert rows == ["golden (unguided, 2 steps)", "gaussian (cfg2)", "refined (unguided, 2 steps)"]
+    with pytest.raises(NoiseRefineError, match="not an NPNet"):
+        run_bench(tmp_path / "c", n=2, batch_size=2, rows="golden@steps2", progress=False,
+                  npnet=shipped_path("shapes16-refiner.safetensors"))

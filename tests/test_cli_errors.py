@@ -154,7 +154,7 @@ CASES = [
     Case("bench-bad-row-option", "bench --n 2 --rows gaussian@foo3 --out {new}", r"bad bench row option 'foo3'"),
     Case("bench-unknown-method", "bench --n 2 --rows nope --out {new}", r"unknown noise method 'nope'"),
     Case("bench-refiner-ignored", "bench --n 2 --rows gaussian --refiner {ws}/r.safetensors --out {new}",
-         r"--refiner .*r\.safetensors would be ignored: no row of 'gaussian' loads weights"),
+         r"r\.safetensors would be ignored: no row of 'gaussian' is a 'refined' row"),
     Case("bench-prompt-file-missing", "bench --n 2 --rows gaussian --prompt-file {ws}/none.txt --out {new}",
          r"prompt file not found"),
     Case("bench-holds-results", "bench --n 2 --rows gaussian --out {ws}/bench",

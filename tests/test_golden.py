@@ -149,7 +149,7 @@ def test_save_load_round_trip_and_refusal_for_another_base(backbone, tmp_path):
     path = tmp_path / "npnet.safetensors"
     net.save(path, backbone.fingerprint())
     x_T = noise_for_seeds([0, 1, 2, 3], (3, 16, 16))
-    method = registry.build("golden", registry.MethodContext(backbone, weights=path))
+    method = registry.build("golden", registry.MethodContext(backbone, weights={"golden": path}))
     assert torch.equal(method(x_T, PROMPTS), GoldenNoise(net, backbone)(x_T, PROMPTS))
     other = Shapes16Backbone.create(1)
     with pytest.raises(NoiseRefineError, match="was trained on"):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -30,7 +30,8 @@ def load_refiner(backbone: Backbone | None = None, path: str | Path | None = Non
                  force: bool = False) -> NoiseRefiner:
     """A refiner on `backbone` (default: the shipped shapes16 model and its shipped refiner)."""
     backbone = backbone or load_backbone()
-    return MethodContext(backbone, weights=Path(path) if path else None, force=force).load("refined", NoiseRefiner.load)
+    weights = {"refined": Path(path)} if path else {}
+    return MethodContext(backbone, weights=weights, force=force).load("refined", NoiseRefiner.load)
 
 
 def refine_noise(refiner: NoiseRefiner, x_T: torch.Tensor, prompts: Sequence[str],
@@ -39,15 +40,16 @@ def refine_noise(refiner: NoiseRefiner, x_T: torch.Tensor, prompts: Sequence[str
     return RefinedNoise(refiner, strength, guidance_scale)(x_T, prompts)
 
 
-def method_context(backbone: Backbone, sampling: SamplingOptions, *, weights: Path | None = None,
+def method_context(backbone: Backbone, sampling: SamplingOptions, *, weights: Mapping[str, Path] | None = None,
                    force: bool = False, scorer: str | None = None, clip_model: str | None = None,
                    aesthetic_model: str | None = None) -> MethodContext:
-    """What noise methods are built against; `scorer` names the search methods' scorer (default:
-    the backbone's own, the primary judge on shapes16)."""
+    """What noise methods are built against: `weights` maps a method to its weights file (default:
+    the shipped ones); `scorer` names the search methods' scorer (default: the backbone's own, the
+    primary judge on shapes16)."""
     from noiserefine.evaluation.scorers import scorer_for
 
     return MethodContext(backbone, sampling, scorer_for(backbone, scorer, clip_model=clip_model,
-                                                        aesthetic_model=aesthetic_model), weights, force)
+                                                        aesthetic_model=aesthetic_model), dict(weights or {}), force)
 
 
 def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *, method: str = "gaussian",
@@ -71,7 +73,7 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
     check_guide(backbone, sampling.guidance)
     _validate_prompts(backbone, prompts)
     make_scheduler(sampling.scheduler, backbone.scheduler_config)  # an unknown scheduler fails here
-    ctx = method_context(backbone, sampling, weights=refiner, force=force, scorer=scorer)
+    ctx = method_context(backbone, sampling, weights={method: refiner} if refiner else {}, force=force, scorer=scorer)
     noise = registry.build(method, ctx, **options)
     write_samples(folder.open(), backbone, noise, sampling, rows, todo)
     return folder.path

@@ -391,8 +391,8 @@ def golden() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="model dtype")
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="pair folder (a killed run resumes here)")
-@_friendly_errors
 @_overwrite_option("the pairs instead of resuming them")
+@_friendly_errors
 def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: str | None,
                  aesthetic_model: str | None, model: str | None, dtype: str | None, batch_size: int, out: Path,
                  overwrite: bool, **spec_options: Any) -> None:
@@ -410,8 +410,8 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
     from noiserefine.npnet_pairs import RESULTS, RedenoiseSpec, collect_pairs
     from noiserefine.sampling import seeds_from_range
 
-    prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
     OutputFolder(out, RESULTS, overwrite=overwrite, resume=True).check()  # before the model loads
+    prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
     backbone = load_backbone(model, dtype=dtype)
     backbone.encode_prompts(prompts)  # an unknown word fails before any work
     score = score or getattr(backbone, "default_scorer", None)
@@ -442,8 +442,8 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
     "checkpoint_every": "steps between checkpoints"})
 @click.option("--model", default=None, help="base model the pairs were collected with (default: shapes16)")
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
-@_friendly_errors
 @_overwrite_option("the run (checkpoint and NPNet) instead of resuming it")
+@_friendly_errors
 def golden_train(pairs: Path, model: str | None, out: Path, overwrite: bool, **config: Any) -> None:
     """Train NPNet on a pair folder with MSE (resumable): writes OUT/npnet.safetensors + .json.
 
@@ -471,8 +471,9 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--n", default=1000, help="images per row")
 @click.option("--batch-size", default=250)
 @click.option("--rows", default="default", help="comma list of row names, or 'default'")
-@click.option("--refiner", type=PATH, default=None)
-@click.option("--force", is_flag=True, help="use a refiner trained on another base model")
+@click.option("--refiner", type=PATH, default=None, help="refiner of the refined rows (default: the shipped one)")
+@click.option("--npnet", type=PATH, default=None, help="NPNet of the golden rows (default: the shipped one)")
+@click.option("--force", is_flag=True, help="use weights trained on another base model")
 @click.option("--model", default=None, help="base model: shapes16 (default), weights file, pipeline folder or hub id")
 @click.option("--guide", default=None, help="guide model of the autoA rows (default: the shipped one of shapes16)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
@@ -486,7 +487,7 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_overwrite_option("a bench")
 @_timing_options
 @_friendly_errors
-def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool, model: str | None,
+def bench(n: int, batch_size: int, rows: str, refiner: Path | None, npnet: Path | None, force: bool, model: str | None,
           guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None,
           scorer: str | None, split: str, out: Path, overwrite: bool, threads: int, rounds: int) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
@@ -503,7 +504,8 @@ def bench(n: int, batch_size: int, rows: str, refiner: Path | None, force: bool,
     prompts = _read_prompts(prompt_file) if prompt_file else None
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
                          dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide,
-                         scorer=scorer, split=split, overwrite=overwrite, threads=threads, rounds=rounds).read_text())
+                         scorer=scorer, split=split, overwrite=overwrite, threads=threads, rounds=rounds,
+                         npnet=npnet).read_text())
 
 
 @main.command()

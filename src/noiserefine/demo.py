@@ -13,7 +13,7 @@ from noiserefine.api import load_refiner
 from noiserefine.evaluation.bench import RESULTS as BENCH_RESULTS, check_bench_size, run_bench
 from noiserefine.evaluation.timing import DEFAULT_ROUNDS, DEFAULT_THREADS, check_timing, torch_threads
 from noiserefine.generation import SamplingOptions, generate_latents
-from noiserefine.guidance import Guidance
+from noiserefine.guidance import Teacher
 from noiserefine.io import OutputFolder, ensure_out_dir
 from noiserefine.methods.refine import RefinedNoise
 from noiserefine.sampling import to_uint8
@@ -28,12 +28,12 @@ def picture_grid(out: Path, seeds: tuple[int, ...] = (0, 1, 2), scale: int = 4) 
     """Rows: prompts x seeds; columns: Gaussian unguided, Gaussian + teacher CFG, refined unguided."""
     refiner = load_refiner()
     bb = refiner.backbone
-    teacher = refiner.config.teacher
+    teacher = Teacher.from_record(refiner.config.teacher)
     prompts = [p for p in GRID_PROMPTS for _ in seeds]
     seed_list = [s for _ in GRID_PROMPTS for s in seeds]
     columns = [
         generate_latents(bb, prompts, seed_list, None, SamplingOptions()),
-        generate_latents(bb, prompts, seed_list, None, SamplingOptions(Guidance.of_teacher(teacher))),
+        generate_latents(bb, prompts, seed_list, None, SamplingOptions(teacher.at_scale(None), teacher.steps, teacher.scheduler)),
         generate_latents(bb, prompts, seed_list, RefinedNoise(refiner), SamplingOptions()),
     ]
     tiles = [to_uint8(bb.decode(c)) for c in columns]  # each (N, H, W, 3)

@@ -1,56 +1,62 @@
 """Guided-target datasets for NoiseRefine (paper section 3.2, D.2.1): (x_T, prompt, x_0^Guide).
 
 Each seed gives one target: x_T from the seed (one generator per seed), a prompt taken in turn
-from the prompt list, and x_0^Guide sampled with guidance (CFG, PAG or both) in N' steps.
-Targets are written in safetensors shards of `shard_size` samples plus `manifest.json`. A killed
-run resumes: finished shards (written atomically) are kept, the rest are generated. Every target
+from the prompt list, and x_0^Guide sampled by the teacher (any `Guidance`: CFG, PAG, autoguidance, an interval) in N' steps.
+Targets are written to a shard store (`noiserefine.shards`: safetensors shards of `shard_size`
+samples plus `manifest.json`). A killed run resumes: finished shards are kept, a partly written
+one continues from its last finished batch, the rest are generated. Every target
 carries a score (pluggable; shapes16 uses the judge's probability of the prompt) so training can
 keep the best fraction, as the paper keeps the top-N by aesthetic score.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone, same_model
 from noiserefine.errors import NoiseRefineError
-from noiserefine.guidance import Guidance
-from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, write_json
-from noiserefine.sampling import denoise, make_scheduler, noise_for_seeds
+from noiserefine.generation import SamplingOptions, sample_from_noise
+from noiserefine.guidance import Teacher
+from noiserefine.sampling import noise_for_seeds
 from noiserefine.scoring import Scorer
+from noiserefine.shards import ShardStore, read_manifest
 
 
 @dataclass
 class TargetSpec:
-    """What a target folder holds; a resumed run must ask for the same thing."""
+    """What a target folder holds; a resumed run must ask for the same thing. Target i has prompt
+    i mod P, seed i, and -- for a scale-conditioned teacher -- teacher scale i mod S."""
 
     prompts: list[str]
     seeds: list[int]
-    cfg: list[float]
-    pag: float = 0.0
-    steps: int = 20
-    scheduler: str = "ddim"
+    teacher: Teacher
     shard_size: int = 256
     score: str = "none"
-    guidance_start: float = 0.0
-    guidance_stop: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.guidance(1.0)  # a bad interval fails here, before any folder is written
-
-    def guidance(self, cfg: float) -> Guidance:
-        """The teacher's guidance at CFG scale `cfg` (PAG scale and interval from the spec)."""
-        return Guidance(cfg=cfg, pag=self.pag, start=self.guidance_start, stop=self.guidance_stop)
 
     def pair(self, i: int) -> tuple[str, int, float]:
-        """(prompt, seed, cfg) of target i: prompts and CFG scales are taken in turn."""
-        return self.prompts[i % len(self.prompts)], self.seeds[i], self.cfg[i % len(self.cfg)]
+        """(prompt, seed, teacher scale) of target i; the scale is the value of the teacher's varied
+        guidance field (`Teacher.scale_field`), constant for a teacher of one scale."""
+        scales = self.teacher.scales or (getattr(self.teacher.guidance, self.teacher.scale_field),)
+        return self.prompts[i % len(self.prompts)], self.seeds[i], scales[i % len(scales)]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "seeds": self.seeds, "teacher": self.teacher.to_record(),
+                "shard_size": self.shard_size, "score": self.score}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "TargetSpec":
+        """A spec from `to_record`, or from the older flat records (cfg list, pag, steps, scheduler,
+        guidance_start/stop at the top level)."""
+        teacher = Teacher.from_record(record["teacher"] if "teacher" in record else record)
+        return cls(list(record["prompts"]), list(record["seeds"]), teacher, int(record.get("shard_size", 256)),
+                   str(record.get("score", "none")))
 
     @property
     def num_shards(self) -> int:
@@ -62,81 +68,50 @@ def generate_targets(backbone: Backbone, spec: TargetSpec, out: Path, scorer: Sc
                      progress: bool = True) -> Path:
     """Generate (or resume) a target folder. `shard_ids` restricts this process to some shards
     (multi-process generation writes disjoint shards into one folder)."""
-    out = ensure_out_dir(out)
-    _check_or_write_manifest(out, spec, backbone)
-    todo = [k for k in (shard_ids if shard_ids is not None else range(spec.num_shards))
-            if not _shard_done(out, k)]
-    total = sum(len(_shard_range(spec, k)) for k in todo)
-    bar = tqdm(total=total, disable=not progress, desc="targets", unit="img")
+    store = _store(out, spec)
+    store.claim({"spec": spec.to_record(), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)},
+                _read_manifest, same_model)
+    todo, total, flushed = store.pending(shard_ids if shard_ids is not None else range(store.num_shards))
+    bar = tqdm(total=total, initial=flushed, disable=not progress, desc="targets", unit="img")
     t0 = time.time()
-    for k in todo:
-        _write_shard(backbone, spec, out, k, scorer, batch_size, bar)
-        bar.set_postfix(img_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}")
+
+    def on_batch(batch: dict[str, torch.Tensor]) -> None:
+        bar.update(len(batch["index"]))
+        bar.set_postfix(img_per_s=f"{(bar.n - flushed) / max(time.time() - t0, 1e-9):.1f}")
+
+    store.fill(todo, lambda idx: _target_batch(backbone, spec, idx, scorer), batch_size, on_batch)
     bar.close()
-    return out
-
-
-def _shard_range(spec: TargetSpec, k: int) -> range:
-    return range(k * spec.shard_size, min((k + 1) * spec.shard_size, len(spec.seeds)))
+    return store.folder
 
 
 RESULTS = ("manifest.json", "shard-*.safetensors")
 """What a target folder holds (`OutputFolder` results): its manifest and its shards."""
 
 
-def _shard_path(out: Path, k: int) -> Path:
-    return out / f"shard-{k:05d}.safetensors"
+def _store(folder: Path, spec: TargetSpec) -> ShardStore:
+    return ShardStore(Path(folder), len(spec.seeds), spec.shard_size, prefix="shard", items="targets")
 
 
-def _shard_done(out: Path, k: int) -> bool:
-    return _shard_path(out, k).is_file()
-
-
-def _write_shard(backbone: Backbone, spec: TargetSpec, out: Path, k: int, scorer: Scorer | None,
-                 batch_size: int, bar: tqdm) -> None:
-    idx = list(_shard_range(spec, k))
-    parts: dict[str, list[torch.Tensor]] = {"x_T": [], "x_0": [], "score": []}
-    for lo in range(0, len(idx), batch_size):
-        batch = idx[lo: lo + batch_size]
-        x_T, x_0, score = _generate_batch(backbone, spec, batch, scorer)
-        parts["x_T"].append(x_T)
-        parts["x_0"].append(x_0)
-        parts["score"].append(score)
-        bar.update(len(batch))
-    tensors = {name: torch.cat(v) for name, v in parts.items()}
-    tensors["index"] = torch.tensor(idx, dtype=torch.long)
-    tensors["cfg"] = torch.tensor([spec.pair(i)[2] for i in idx], dtype=torch.float32)
-    save_tensors(_shard_path(out, k), tensors)
+def _target_batch(backbone: Backbone, spec: TargetSpec, idx: list[int], scorer: Scorer | None) -> dict[str, torch.Tensor]:
+    x_T, x_0, score = _generate_batch(backbone, spec, idx, scorer)
+    return {"x_T": x_T, "x_0": x_0, "score": score,
+            "cfg": torch.tensor([spec.pair(i)[2] for i in idx], dtype=torch.float32)}
 
 
 @torch.no_grad()
 def _generate_batch(backbone: Backbone, spec: TargetSpec, batch: list[int], scorer: Scorer | None):
     prompts = [spec.pair(i)[0] for i in batch]
     seeds = [spec.pair(i)[1] for i in batch]
-    cfgs = torch.tensor([spec.pair(i)[2] for i in batch])
+    scales = torch.tensor([spec.pair(i)[2] for i in batch])
     x_T = noise_for_seeds(seeds, backbone.latent_shape).to(backbone.device, backbone.dtype)
-    cond = backbone.encode_prompts(prompts)
-    uncond = backbone.encode_prompts([""] * len(batch))
     x_0 = torch.empty_like(x_T)
-    for w in cfgs.unique():  # one sampler run per CFG scale present in the batch
-        sel = (cfgs == w).nonzero().squeeze(1)
-        sched = make_scheduler(spec.scheduler, backbone.scheduler_config)
-        x_0[sel] = denoise(backbone, sched, x_T[sel], {k: v[sel] for k, v in cond.items()},
-                           uncond={k: v[sel] for k, v in uncond.items()},
-                           guidance=spec.guidance(float(w)), steps=spec.steps)
+    for w in scales.unique():  # one sampler run per teacher scale present in the batch
+        sel = (scales == w).nonzero().squeeze(1)
+        rows = [prompts[j] for j in sel.tolist()]
+        options = SamplingOptions(spec.teacher.at_scale(float(w)), spec.teacher.steps, spec.teacher.scheduler)
+        x_0[sel] = sample_from_noise(backbone, x_T[sel], rows, options)
     score = scorer(backbone.decode(x_0), prompts).float().cpu() if scorer else torch.zeros(len(batch))
     return x_T.cpu(), x_0.cpu(), score
-
-
-def _check_or_write_manifest(out: Path, spec: TargetSpec, backbone: Backbone) -> None:
-    record = {"spec": asdict(spec), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)}
-    path = out / "manifest.json"
-    if path.is_file():
-        found = _read_manifest(out)
-        if {**found, "base": None} != {**record, "base": None} or not same_model(found["base"], record["base"]):
-            raise NoiseRefineError(f"{out} holds targets of another spec or base model; use a new folder")
-        return
-    write_json(path, record)
 
 
 @dataclass
@@ -177,23 +152,20 @@ def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> 
 
 def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     manifest = _read_manifest(folder)
-    spec = TargetSpec(**manifest["spec"])
-    shards = [load_tensors(_shard_path(folder, k)) for k in range(spec.num_shards) if _shard_done(folder, k)]
-    if not shards:
-        raise NoiseRefineError(f"{folder} has no finished target shards yet")
-    data = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+    spec = TargetSpec.from_record(manifest["spec"])
+    data = _store(folder, spec).load()
     return data, [spec.pair(int(i))[0] for i in data["index"]], manifest
 
 
 def _read_manifest(folder: Path) -> dict:
-    """A folder's manifest with its spec completed by TargetSpec's defaults, so folders written
-    before a field existed (e.g. the guidance interval) read as they were made."""
-    manifest = read_json(folder / "manifest.json")
-    manifest["spec"] = asdict(TargetSpec(**manifest["spec"]))
+    """A folder's manifest with its spec in today's form (`TargetSpec.from_record`), so folders
+    written before a field existed (e.g. the guidance interval, autoguidance) read as they were made."""
+    manifest = read_manifest(folder, "targets")
+    manifest["spec"] = TargetSpec.from_record(manifest["spec"]).to_record()
     return manifest
 
 
 def _teacher_of(manifest: dict) -> tuple:
     spec = manifest["spec"]
-    return (manifest["latent_shape"], sorted(spec["cfg"]), spec["pag"], spec["steps"],
-            spec["scheduler"], spec["score"], spec["guidance_start"], spec["guidance_stop"])
+    teacher = {**spec["teacher"], "scales": sorted(spec["teacher"]["scales"])}
+    return manifest["latent_shape"], json.dumps(teacher, sort_keys=True), spec["score"]

@@ -111,8 +111,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     if cfg.batch_size % acc.num_processes:
         raise NoiseRefineError(f"batch size {cfg.batch_size} must divide by {acc.num_processes} processes")
     spec = data.manifest["spec"]
-    teacher = {"cfg": spec["cfg"], "pag": spec["pag"], "steps": spec["steps"], "scheduler": spec["scheduler"],
-               "guidance_start": spec["guidance_start"], "guidance_stop": spec["guidance_stop"]}
+    teacher = spec["teacher"]
     torch.manual_seed(cfg.seed)
     defaults = dict(getattr(backbone, "refiner_defaults", {}))  # e.g. DiT's output layer name
     refiner = NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),

@@ -233,7 +233,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
               prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
               force: bool = False, guide: str | None = None, scorer: str | None = None,
               overwrite: bool = False, split: str = "dev", threads: int = DEFAULT_THREADS,
-              rounds: int = DEFAULT_ROUNDS) -> Path:
+              rounds: int = DEFAULT_ROUNDS, npnet: Path | None = None) -> Path:
     """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path (a
     folder holding a bench is refused unless `overwrite`; the folder is made when the rows are done).
 
@@ -258,12 +258,13 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
         specs.append(parse_row("refined"))
     for spec in specs:
         check_guide(backbone, spec.guidance)
-    if refiner is not None and not any(registry.entry(s.method).weights for s in specs):
-        raise NoiseRefineError(f"--refiner {refiner} would be ignored: no row of {rows!r} loads weights "
-                               f"({', '.join(m.name for m in registry.METHODS.values() if m.weights)} do)")
+    weights = {m: Path(w) for m, w in (("refined", refiner), ("golden", npnet)) if w is not None}
+    for method, path in weights.items():
+        if not any(s.method == method for s in specs):
+            raise NoiseRefineError(f"{path} would be ignored: no row of {rows!r} is a {method!r} row")
     score = suite.score(backbone, clip_model)
     setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS), split)
-    ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, clip_model=clip_model), weights=refiner,
+    ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, clip_model=clip_model), weights=weights,
                         force=force)
     teachers = _teacher_rows(ctx, specs) if any(s.method == "refined" for s in specs) else {}
     for k, row in enumerate(dict.fromkeys(teachers.values())):  # a teacher's row must be in the same run

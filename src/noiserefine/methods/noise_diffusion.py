@@ -25,11 +25,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from noiserefine.backbones.base import Backbone
+from noiserefine.backbones.base import Backbone, select_cond
 from noiserefine.errors import NoiseRefineError
-from noiserefine.generation import progress_note
-from noiserefine.methods.search import (Candidates, SearchResult, SearchSampling, SearchStats, encode,
-                                        sample_and_score, take)
+from noiserefine.generation import SamplingOptions, progress_note
+from noiserefine.methods.search import Candidates, SearchResult, SearchStats, encode, sample_and_score
 from noiserefine.sampling import check_noise
 from noiserefine.scoring import Scorer
 
@@ -72,7 +71,7 @@ def select_candidate(z: torch.Tensor, grad: torch.Tensor, candidates: torch.Tens
 
 def optimize_noise(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompts: Sequence[str],
                    config: NoiseDiffusionConfig = NoiseDiffusionConfig(),
-                   sampling: SearchSampling = SearchSampling(), progress: bool = False) -> SearchResult:
+                   sampling: SamplingOptions = SamplingOptions(), progress: bool = False) -> SearchResult:
     """Noise Diffusion on a batch: per image, the best noise found, its score and its rounds.
 
     Args:
@@ -92,7 +91,7 @@ def optimize_noise(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompt
         progress_note(f"search round {k}/{config.rounds}: {len(active)} of {len(z)} images searching")
         z_a = z[active].requires_grad_(True)
         with torch.enable_grad():  # the search needs ds/dz even when called under no_grad
-            score = sample_and_score(backbone, scorer, z_a, take(cond, active), take(uncond, active),
+            score = sample_and_score(backbone, scorer, z_a, select_cond(cond, active), select_cond(uncond, active),
                                      [prompts[i] for i in active.tolist()], sampling, grad_mode="msd")
         _check_scores(score)
         rounds[active.cpu()] += 1
@@ -134,7 +133,7 @@ class NoiseDiffusion:
     name = "noise-diffusion"
 
     def __init__(self, backbone: Backbone, scorer: Scorer, config: NoiseDiffusionConfig = NoiseDiffusionConfig(),
-                 sampling: SearchSampling = SearchSampling(), progress: bool = False) -> None:
+                 sampling: SamplingOptions = SamplingOptions(), progress: bool = False) -> None:
         self.backbone, self.scorer, self.config, self.sampling = backbone, scorer, config, sampling
         self.progress = progress
         self.run_stats = SearchStats()

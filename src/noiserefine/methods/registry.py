@@ -2,7 +2,7 @@
 
     ctx = MethodContext(backbone, SamplingOptions(Guidance(cfg=2.0)), scorer=my_scorer)
     method = build("noise-diffusion", ctx, rounds=10)
-    method = build("refined", ctx, strength=0.5)       # the backbone's shipped refiner, or ctx.weights
+    method = build("refined", ctx, strength=0.5)       # ctx.weights["refined"], or the shipped refiner
 
 The command line's flags (`noiserefine.cli`) and the bench's row tokens (`refined@strength0.5`)
 are read off `METHODS`, so a new method is one entry here (plus its module). Search methods
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
@@ -48,14 +48,15 @@ class MethodOption:
 @dataclass
 class MethodContext:
     """What a method is built against: the backbone, how candidates/images are sampled, the scorer
-    of search methods, a weights file (refiner or NPNet; default: the backbone's shipped one) and
+    of search methods, weights files by method (a refiner for "refined", an NPNet for "golden";
+    default: the backbone's shipped ones) and
     whether weights fitted to another base model are accepted. Weights are loaded once per context
     (a refiner attaches its adapter to the backbone), however many methods are built from it."""
 
     backbone: Backbone
     sampling: SamplingOptions = SamplingOptions()
     scorer: Scorer | None = None
-    weights: Path | None = None
+    weights: Mapping[str, Path] = field(default_factory=dict)
     force: bool = False
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -66,10 +67,11 @@ class MethodContext:
         return self._loaded[method]
 
     def weights_path(self, method: str) -> Path:
-        if self.weights is not None:
-            if not Path(self.weights).exists():
-                raise NoiseRefineError(f"{METHODS[method].weights} not found: {self.weights}")
-            return Path(self.weights)
+        path = self.weights.get(method)
+        if path is not None:
+            if not Path(path).exists():
+                raise NoiseRefineError(f"{METHODS[method].weights} not found: {path}")
+            return Path(path)
         shipped = getattr(self.backbone, "shipped_weights", {}).get(method)
         if shipped is None:
             raise NoiseRefineError(f"method {method!r} needs a {METHODS[method].weights} file for this model "
