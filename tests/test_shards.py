@@ -1,14 +1,20 @@
 """The shard store: atomic shards + manifest, resume keeps finished shards and continues a partial
-one, disjoint shards per process, clear errors."""
+one, disjoint shards per process, clear errors; and NoiseRefine targets keep the progress of a run
+killed before its first (default-size) shard was full."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from noiserefine import targets as targets_module
+from noiserefine.backbones.shapes16 import Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.guidance import Guidance, Teacher
 from noiserefine.io import load_tensors, save_tensors
 from noiserefine.shards import ShardStore, read_manifest
+from noiserefine.targets import TargetSpec, generate_targets, load_targets
+from noiserefine.world import ALL_PROMPTS
 
 
 def _store(folder, size=10, shard_size=4) -> ShardStore:
@@ -92,3 +98,35 @@ def test_clear_errors(tmp_path):
     save_tensors(store.partial_path(1), {"index": torch.tensor([5, 6]), "value": torch.zeros(2)})
     with pytest.raises(NoiseRefineError, match="does not hold the first items of shard 1"):
         store.fill([1], _make([]), batch_size=2)
+
+
+def test_targets_killed_before_the_first_default_shard_is_full_keep_their_progress(tmp_path, monkeypatch):
+    """`targets` with the default shard size (256) used to save nothing when killed before 256
+    targets: a small killed run restarted from zero."""
+    spec = TargetSpec(list(ALL_PROMPTS[:3]), list(range(6)), Teacher(Guidance(cfg=3.0), steps=2))
+    assert spec.shard_size == 256
+    bb = Shapes16Backbone.create(0)
+    generate_targets(bb, spec, tmp_path / "whole", batch_size=2, progress=False)
+
+    real = targets_module._generate_batch
+
+    def recording(made: list, kill_at: int | None = None):
+        def generate(backbone, spec, batch, scorer):
+            if len(made) == kill_at:
+                raise KeyboardInterrupt
+            made.append(list(batch))
+            return real(backbone, spec, batch, scorer)
+        return generate
+
+    made: list = []
+    monkeypatch.setattr(targets_module, "_generate_batch", recording(made, kill_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        generate_targets(bb, spec, tmp_path / "killed", batch_size=2, progress=False)
+    assert made == [[0, 1], [2, 3]]
+    made = []
+    monkeypatch.setattr(targets_module, "_generate_batch", recording(made))
+    generate_targets(bb, spec, tmp_path / "killed", batch_size=2, progress=False)
+    assert made == [[4, 5]]  # only the targets the kill lost are made
+    a, b = load_targets(tmp_path / "killed"), load_targets(tmp_path / "whole")
+    assert a.prompts == b.prompts and torch.equal(a.x_T, b.x_T)
+    torch.testing.assert_close(a.x_0, b.x_0, rtol=0, atol=1e-6)
