@@ -206,7 +206,7 @@ def workspace(tmp_path_factory) -> Path:
                  f"world export --n 2 --out {ws}/export"):
         assert runner.invoke(main, shlex.split(args)).exit_code == 0
     for folder, names in {"bench": ("bench.md", "bench.json"), "analysis": ("analysis.json", "analysis.png"),
-                          "demo": ("grid.png", "grid.txt", "bench.md", "bench.json"),
+                          "demo": ("grid.png", "bench.md", "bench.json"),
                           "pngs": ("00000_seed0.png",)}.items():
         (ws / folder).mkdir()
         for name in names:
