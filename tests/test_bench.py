@@ -33,12 +33,14 @@ def test_bench_runs_refined_rows_beside_their_teacher(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
     teacher = report["meta"]["reference_row"]
-    assert teacher == "gaussian (cfg2)"  # the shipped refiner's teacher, added to the run
+    assert teacher == "gaussian (auto3)"  # the shipped refiner's teacher, added to the run
     assert [r["row"] for r in rows].count(teacher) == 1
     ref = next(r for r in rows if r["row"] == teacher)
     assert ref["ratio_to_cfg"] == 1.0 and ref["nfe_per_image"] == 40
     refined = [r for r in rows if r["method"] == "refined"]
-    assert len(refined) == 2 and all(r["teacher_cfg"] == 2.0 and r["nfe_per_image"] == 3 for r in refined)
+    assert len(refined) == 2 and all(
+        r["teacher_auto"] == 3.0 and r["teacher_row"] == teacher and r["nfe_per_image"] == 3
+        for r in refined)
     for key in ("sec_per_image", "adherence", "fd", "peak_mem_mb", "heldout_adherence"):
         assert all(key in r for r in rows)
     assert teacher in md.read_text()
@@ -75,9 +77,9 @@ def test_refiner_and_npnet_weights_go_to_their_own_rows(tmp_path):
     from noiserefine.io import shipped_path
 
     run_bench(tmp_path / "b", n=2, batch_size=2, rows="golden@steps2,refined@steps2", progress=False,
-              refiner=shipped_path("shapes16-refiner.safetensors"))
+              refiner=shipped_path("shapes16-refiner"))
     rows = [r["row"] for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]]
-    assert rows == ["golden (unguided, 2 steps)", "gaussian (cfg2)", "refined (unguided, 2 steps)"]
-    with pytest.raises(NoiseRefineError, match="not an NPNet"):
+    assert rows == ["golden (unguided, 2 steps)", "gaussian (auto3)", "refined (unguided, 2 steps)"]
+    with pytest.raises(NoiseRefineError, match=r"NPNet not found: .*shapes16-refiner"):  # --npnet goes to golden
         run_bench(tmp_path / "c", n=2, batch_size=2, rows="golden@steps2", progress=False,
-                  npnet=shipped_path("shapes16-refiner.safetensors"))
+                  npnet=shipped_path("shapes16-refiner"))

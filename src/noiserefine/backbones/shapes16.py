@@ -77,7 +77,7 @@ class Shapes16Backbone(DenoiserBackboneMixin):
     """Backbone protocol for the embedded model (pixel space: latents are 3 x 16 x 16 images)."""
 
     name = "shapes16-unet"
-    shipped_weights = {"refined": "shapes16-refiner.safetensors", "golden": "shapes16-npnet.safetensors"}
+    shipped_weights = {"refined": "shapes16-refiner", "golden": "shapes16-npnet.safetensors"}
     """The package's weights files the methods load when the user names none."""
     world = "shapes16"
     """The embedded world: the bench scores it with its judges (`evaluation.bench.SUITES`)."""

@@ -31,7 +31,7 @@ import torch
 from noiserefine.errors import NoiseRefineError
 
 DEFAULT_THREADS = 1
-DEFAULT_ROUNDS = 4  # the default bench (1,000 images, batch 250): one batch per row and round
+DEFAULT_ROUNDS = 8  # measured: at 4 rounds two --n 200 runs, alone and beside a 2-thread hog, differed by 20% (docs/timing.md)
 LOAD_MARGIN = 0.5  # runnable threads beyond the CPUs before a run counts as loaded (short jobs come and go)
 
 
