@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -64,6 +64,17 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise NoiseRefineError(f"config file {path} is not valid JSON ({err})") from None
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a line that is not
+    JSON gives the `json.JSONDecodeError` as its value, for the caller to word its own error."""
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, err
 
 
 def write_json(path: Path, obj: Any) -> None:

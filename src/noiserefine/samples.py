@@ -19,14 +19,13 @@ from tqdm.auto import tqdm
 
 from noiserefine.backbones.base import Backbone
 from noiserefine.errors import NoiseRefineError
-from noiserefine.evaluation.folder import MANIFEST
+from noiserefine.evaluation.folder import MANIFEST, PER_IMAGE_FIELDS
 from noiserefine.generation import NoiseMethod, SamplingOptions, generate_latents, progress_notes
-from noiserefine.io import OutputFolder, atomic_write_bytes
+from noiserefine.io import OutputFolder, atomic_write_bytes, jsonl_lines
 from noiserefine.sampling import to_uint8
 
 RESULTS = (MANIFEST, "*_seed*.png")
 """What a sample run writes (`OutputFolder` results)."""
-PER_IMAGE = ("file", "prompt", "seed")
 """Manifest fields that vary from image to image; the others are the run's settings."""
 
 
@@ -80,13 +79,7 @@ def _listed(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
+    for number, row in jsonl_lines(path):
         if not isinstance(row, dict):
             raise NoiseRefineError(f"{path} line {number} is not a manifest row; pass --overwrite to replace "
                                    "the folder's samples, or choose another folder")
@@ -96,7 +89,7 @@ def _listed(folder: Path) -> list[dict[str, Any]]:
 
 def _difference(found: dict[str, Any], planned: dict[str, Any]) -> str:
     """What a folder's row has that this run's do not: other settings (named), or other images."""
-    keys = sorted((set(found) | set(planned)) - set(PER_IMAGE), key=lambda k: (k not in planned, k))
+    keys = sorted((set(found) | set(planned)) - set(PER_IMAGE_FIELDS), key=lambda k: (k not in planned, k))
     changed = [f"{k} {found.get(k)!r}, not {planned.get(k)!r}" for k in keys if found.get(k) != planned.get(k)]
     if changed:
         return f"samples made with other settings ({'; '.join(changed[:4])})"

@@ -20,6 +20,7 @@ from noiserefine.errors import NoiseRefineError
 from noiserefine.evaluation.judge import load_judges
 from noiserefine.evaluation.metrics import score_images
 from noiserefine.guidance import Guidance
+from noiserefine.io import jsonl_lines
 from noiserefine.world.shapes16 import IMAGE_SIZE, parse_prompt
 
 MANIFEST = "manifest.jsonl"
@@ -37,13 +38,9 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise NoiseRefineError(f"{MANIFEST} not found in {folder}")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NoiseRefineError(f"{path} line {number} is not valid JSON ({err.msg})") from None
+    for number, row in jsonl_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            raise NoiseRefineError(f"{path} line {number} is not valid JSON ({row.msg})")
         missing = [f for f in REQUIRED_FIELDS if not isinstance(row, dict) or f not in row]
         if missing:
             raise NoiseRefineError(f"{path} line {number} lacks field(s) {missing}")
