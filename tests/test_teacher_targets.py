@@ -43,10 +43,21 @@ def test_scale_conditioned_targets_take_the_scales_in_turn(guided, tmp_path):
     teacher = Teacher(Guidance(auto=2.0), steps=2, scale_field="auto", scales=(1.5, 2.0, 3.0, 4.0))
     generate_targets(guided, TargetSpec(PROMPTS, list(range(8)), teacher), tmp_path, progress=False)
     data = load_targets(tmp_path)
-    assert data.cfg.tolist() == [1.5, 2.0, 3.0, 4.0] * 2  # the varied scale of each target
-    x_T = noise_for_seeds([2], guided.latent_shape)
+    # scale (i + i div P) mod S: each pass over the two prompts moves the scales on by one
+    assert data.cfg.tolist() == [1.5, 2.0, 4.0, 1.5, 3.0, 4.0, 2.0, 3.0]
+    x_T = noise_for_seeds([4], guided.latent_shape)
     expected = sample_from_noise(guided, x_T, [PROMPTS[0]], SamplingOptions(Guidance(auto=3.0), 2))
-    torch.testing.assert_close(data.x_0[2:3], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(data.x_0[4:5], expected, rtol=0, atol=1e-5)
+
+
+def test_every_prompt_meets_every_teacher_scale():
+    """48 prompts and 4 scales: with scale i mod S each prompt would get one scale only."""
+    prompts = [f"p{k}" for k in range(48)]
+    teacher = Teacher(Guidance(auto=2.0), scale_field="auto", scales=(1.5, 2.0, 3.0, 4.0))
+    spec = TargetSpec(prompts, list(range(48 * 4)), teacher)
+    met = {(spec.pair(i)[0], spec.pair(i)[2]) for i in range(48 * 4)}
+    assert len(met) == 48 * 4
+    assert sorted(spec.pair(i)[2] for i in range(48)) == sorted([1.5, 2.0, 3.0, 4.0] * 12)
 
 
 def test_autoguided_teacher_without_a_guide_is_refused(tmp_path):

@@ -32,7 +32,9 @@ from noiserefine.shards import ShardStore, read_manifest
 @dataclass
 class TargetSpec:
     """What a target folder holds; a resumed run must ask for the same thing. Target i has prompt
-    i mod P, seed i, and -- for a scale-conditioned teacher -- teacher scale i mod S."""
+    i mod P, seed i, and -- for a scale-conditioned teacher -- teacher scale (i + i div P) mod S, so
+    the scales are balanced within each pass over the prompts and every prompt meets every scale
+    (with i mod S alone, P a multiple of S would tie each prompt to one scale)."""
 
     prompts: list[str]
     seeds: list[int]
@@ -44,7 +46,8 @@ class TargetSpec:
         """(prompt, seed, teacher scale) of target i; the scale is the value of the teacher's varied
         guidance field (`Teacher.scale_field`), constant for a teacher of one scale."""
         scales = self.teacher.scales or (getattr(self.teacher.guidance, self.teacher.scale_field),)
-        return self.prompts[i % len(self.prompts)], self.seeds[i], scales[i % len(scales)]
+        n_prompts = len(self.prompts)
+        return self.prompts[i % n_prompts], self.seeds[i], scales[(i + i // n_prompts) % len(scales)]
 
     def to_record(self) -> dict[str, Any]:
         return {"prompts": self.prompts, "seeds": self.seeds, "teacher": self.teacher.to_record(),
