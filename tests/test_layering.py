@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "noiserefine"
 # every module in it.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("face", ("cli", "demo", "__init__")),
+    ("report", ("report",)),
     ("facade", ("api", "diffusers_integration", "samples")),
     ("evaluation", ("evaluation", "analysis")),
     ("training", ("targets", "train", "train_base", "training_loop", "npnet_pairs", "train_npnet")),
