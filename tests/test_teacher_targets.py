@@ -14,7 +14,7 @@ from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, sample_from_noise
 from noiserefine.guidance import Guidance, Teacher
 from noiserefine.sampling import noise_for_seeds
-from noiserefine.targets import TargetSpec, generate_targets, load_targets
+from noiserefine.targets import TargetSpec, best_per_scale, generate_targets, load_targets
 
 PROMPTS = ["a red circle on the left", "a blue square on the top"]
 
@@ -32,9 +32,9 @@ def test_a_target_is_the_teachers_guided_sample_of_its_seed(guided, guidance, tm
     data = load_targets(tmp_path)
     x_T = noise_for_seeds([4, 5, 6], guided.latent_shape)
     expected = sample_from_noise(guided, x_T, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], SamplingOptions(guidance, 3))
-    torch.testing.assert_close(data.x_0, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(data.x_0[:], expected, rtol=0, atol=1e-5)
     unguided = sample_from_noise(guided, x_T, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], SamplingOptions(steps=3))
-    assert (data.x_0 - unguided).abs().max() > 1e-3  # the teacher's guidance is really applied
+    assert (data.x_0[:] - unguided).abs().max() > 1e-3  # the teacher's guidance is really applied
     record = json.loads((tmp_path / "manifest.json").read_text())["spec"]["teacher"]
     assert Teacher.from_record(record) == teacher and record["row"] == teacher.row()
 
@@ -105,3 +105,12 @@ def test_cli_targets_take_every_guidance_flag(tmp_path):
     result = CliRunner().invoke(main, [*common, "--auto", "2", "--out", str(tmp_path / "v")])  # no guide
     assert result.exit_code == 2 and "needs a guide model" in result.output
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def test_score_filtering_keeps_each_teacher_scales_share():
+    """Scale 1.5's targets score low: a global cut would drop all of them; per scale, half stay."""
+    scale = torch.tensor([1.5, 4.0] * 4)
+    score = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.95, 0.0, 0.7])
+    kept = best_per_scale(score, scale, 0.5)
+    assert kept.tolist() == [1, 2, 4, 5]
+    assert best_per_scale(score, torch.full((8,), 2.0), 0.5).tolist() == [1, 3, 5, 7]
