@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -146,11 +147,22 @@ def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> 
             raise NoiseRefineError(f"{folder} was made by another base model or teacher than {folders[0]}")
     data = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
     prompts = [prompt for p in parts for prompt in p[1]]
-    n_keep = max(1, round(keep_fraction * len(prompts)))
-    order = torch.sort(data["score"], descending=True, stable=True).indices[:n_keep].sort().values
+    order = torch.from_numpy(best_per_scale(data["score"], data["cfg"], keep_fraction))
     return TargetSet(
         x_T=data["x_T"][order], x_0=data["x_0"][order], prompts=[prompts[i] for i in order],
         cfg=data["cfg"][order], score=data["score"][order], manifest=manifest)
+
+
+def best_per_scale(score: torch.Tensor, scale: torch.Tensor, keep_fraction: float) -> np.ndarray:
+    """Indices (ascending) of the best `keep_fraction` of the targets of each teacher scale by score,
+    ties by order: a scale-conditioned refiner keeps every scale's share (a global cut would drop
+    mostly the weak scales' targets and teach the refiner a filtered, stronger teacher there)."""
+    kept = []
+    for w in scale.unique():
+        idx = (scale == w).nonzero().squeeze(1)
+        n_keep = max(1, round(keep_fraction * len(idx)))
+        kept.append(idx[torch.sort(score[idx], descending=True, stable=True).indices[:n_keep]])
+    return torch.cat(kept).sort().values.numpy()
 
 
 def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
