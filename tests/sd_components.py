@@ -212,3 +212,37 @@ def make_tiny_dit_pipe(flow: bool = False):
     pipe = DiTPipeline(transformer=tiny_dit(), vae=tiny_vae().eval(), scheduler=scheduler, id2label=DIT_LABELS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- CLIP (scorers, FD features) ------------------------------------------------------------------
+def save_tiny_clip(folder, seed: int = 0):
+    """A tiny CLIP (32x32 images, 16-d projection) saved as a local folder (model, tokenizer, image
+    processor), as users keep ViT-L/14 or PickScore; returns the folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def clip_logits_by_hand(folder, processor, tokenizer, images, prompts):
+    """CLIPModel.forward's `logits_per_image` (exp(logit_scale) * cos, every image x prompt) on the
+    processor's pixels of `images` in [-1, 1] taken to uint8, and the model's logit scale: an oracle
+    for scorers built on a CLIP folder."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        pixels = processor(images=list(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                                       .permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
+        tokens = tokenizer(list(prompts), padding=True, return_tensors="pt")
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+    return out.logits_per_image, model.logit_scale.exp()

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from sd_components import make_tiny_dit_pipe, make_tiny_sd_pipe, make_tiny_sdxl_pipe, tiny_tokenizer
+from sd_components import make_tiny_dit_pipe, make_tiny_sd_pipe, make_tiny_sdxl_pipe, save_tiny_clip, clip_logits_by_hand
 
 from noiserefine.backbones.dit import DiTBackbone
 from noiserefine.diffusers_integration import (
@@ -103,37 +103,19 @@ def test_dit_images_through_our_sampler(tmp_path):
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A tiny CLIP (32x32 images, 16-d projection) saved as a local folder, as users keep ViT-L/14."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    tokenizer = tiny_tokenizer()
-    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    folder = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_score_definition(clip_folder):
-    from transformers import CLIPModel
 
     scorer = load_scorer("clip", clip_model=clip_folder)
     assert isinstance(scorer, CLIPScorer)
     images = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     scores = scorer(images, PROMPTS)
     # By hand: the processor's pixels through CLIPModel.forward's own cosine logits (logit_scale aside).
-    model = CLIPModel.from_pretrained(clip_folder).eval()
+    logits, scale = clip_logits_by_hand(clip_folder, scorer.clip.processor, scorer.clip.tokenizer, images, PROMPTS)
+    cos = logits.diagonal() / scale
     with torch.no_grad():
-        pixels = scorer.clip.processor(images=list(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                                                   .permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
-        tokens = scorer.clip.tokenizer(PROMPTS, padding=True, return_tensors="pt")
-        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-        cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
         ours = (scorer.clip.images(images) * scorer.clip.texts(PROMPTS)).sum(-1)
         swapped = (scorer.clip.images(images) * scorer.clip.texts(PROMPTS[::-1])).sum(-1)
     torch.testing.assert_close(ours, cos, atol=1e-5, rtol=0.0)
@@ -163,7 +145,7 @@ def test_aesthetic_predictor_and_target_filtering(clip_folder, tmp_path):
     generate_targets(backbone, spec, tmp_path / "targets", scorer=scorer, progress=False)
     data = load_targets(tmp_path / "targets", keep_fraction=2 / 3)
     with torch.no_grad():
-        expected = scorer(backbone.decode(data.x_0), data.prompts)
+        expected = scorer(backbone.decode(data.x_0[:]), data.prompts)
     torch.testing.assert_close(data.score, expected, atol=1e-5, rtol=0.0)
     assert len(data) == 2
 
@@ -176,7 +158,7 @@ def test_scorer_errors(clip_folder, tmp_path):
     with pytest.raises(NoiseRefineError, match="aesthetic predictor not found"):
         load_scorer("aesthetic", clip_model=clip_folder, aesthetic_model=tmp_path / "none.safetensors")
     with pytest.raises(NoiseRefineError, match="unknown scorer"):
-        load_scorer("pickscore", clip_model=clip_folder)
+        load_scorer("vqa", clip_model=clip_folder)
     with pytest.raises(NoiseRefineError, match="not a complete CLIP folder"):
         load_scorer("clip", clip_model=tmp_path)
     with pytest.raises(NoiseRefineError, match="not an aesthetic-predictor"):

@@ -17,12 +17,13 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("report", ("report",)),
     ("facade", ("api", "diffusers_integration", "samples")),
     ("evaluation", ("evaluation", "analysis")),
-    ("training", ("targets", "train", "train_base", "training_loop", "npnet_pairs", "train_npnet")),
+    ("training", ("targets", "train", "train_base", "training_loop", "npnet_pairs", "train_npnet", "train_monitor",
+                  "plan")),
     ("methods", ("methods",)),
     ("core", ("sampling", "guidance", "generation", "inversion", "scoring")),
     ("backbones", ("backbones", "presets")),
     ("world", ("world",)),
-    ("support", ("io", "checkpoint", "errors", "shards")),
+    ("support", ("io", "checkpoint", "errors", "shards", "grids", "prompt_files")),
 ]
 
 

@@ -15,6 +15,7 @@ import torch
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.evaluation.scorers import ScorerModels
 from noiserefine.generation import SamplingOptions
 from noiserefine.guidance import Teacher, check_guide
 from noiserefine.io import OutputFolder
@@ -41,22 +42,23 @@ def refine_noise(refiner: NoiseRefiner, x_T: torch.Tensor, prompts: Sequence[str
 
 
 def method_context(backbone: Backbone, sampling: SamplingOptions, *, weights: Mapping[str, Path] | None = None,
-                   force: bool = False, scorer: str | None = None, clip_model: str | None = None,
-                   aesthetic_model: str | None = None) -> MethodContext:
+                   force: bool = False, scorer: str | None = None,
+                   scorer_models: ScorerModels | None = None) -> MethodContext:
     """What noise methods are built against: `weights` maps a method to its weights file (default:
     the shipped ones); `scorer` names the search methods' scorer (default: the backbone's own, the
-    primary judge on shapes16)."""
+    primary judge on shapes16), built from the local paths in `scorer_models` with its scores in
+    [0, 1] (`noiserefine.evaluation.scorers`)."""
     from noiserefine.evaluation.scorers import scorer_for
 
-    return MethodContext(backbone, sampling, scorer_for(backbone, scorer, clip_model=clip_model,
-                                                        aesthetic_model=aesthetic_model), dict(weights or {}), force)
+    searcher = scorer_for(backbone, scorer, scorer_models or ScorerModels(), search=True)
+    return MethodContext(backbone, sampling, searcher, dict(weights or {}), force)
 
 
 def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *, method: str = "gaussian",
                      method_options: dict[str, Any] | None = None, sampling: SamplingOptions = SamplingOptions(),
                      refiner: Path | None = None, force: bool = False, model: str | None = None,
                      dtype: str | None = None, guide: str | None = None, scorer: str | None = None,
-                     overwrite: bool = False) -> Path:
+                     scorer_models: ScorerModels | None = None, overwrite: bool = False) -> Path:
     """One PNG per (prompt, seed) of noise `method` sampled with `sampling`, plus `manifest.jsonl`
     (file, prompt, seed, method, its options, the guidance record, steps, scheduler). `refiner` is
     the method's weights file (a refiner or an NPNet; default: the shipped one); autoguidance uses
@@ -73,7 +75,8 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
     check_guide(backbone, sampling.guidance)
     _validate_prompts(backbone, prompts)
     make_scheduler(sampling.scheduler, backbone.scheduler_config)  # an unknown scheduler fails here
-    ctx = method_context(backbone, sampling, weights={method: refiner} if refiner else {}, force=force, scorer=scorer)
+    ctx = method_context(backbone, sampling, weights={method: refiner} if refiner else {}, force=force, scorer=scorer,
+                         scorer_models=scorer_models)
     noise = registry.build(method, ctx, **options)
     write_samples(folder.open(), backbone, noise, sampling, rows, todo)
     return folder.path
@@ -81,10 +84,11 @@ def sample_to_folder(prompts: Sequence[str], seeds: Sequence[int], out: Path, *,
 
 def make_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher, out: Path, *,
                  shard_size: int = 256, score: str | None = None, model: str | None = None, batch_size: int = 64,
-                 dtype: str | None = None, guide: str | None = None, clip_model: str | None = None,
-                 aesthetic_model: str | None = None, overwrite: bool = False) -> Path:
+                 dtype: str | None = None, guide: str | None = None, scorer_models: ScorerModels | None = None,
+                 overwrite: bool = False) -> Path:
     """Guided targets of `teacher` for NoiseRefine (see `noiserefine.targets`), scored by `score`
-    (default: the backbone's own scorer, the primary judge on shapes16; "none" for no score). A
+    (default: the backbone's own scorer, the primary judge on shapes16; "none" for no score) with its
+    local model paths in `scorer_models` (`noiserefine.evaluation.scorers`). A
     folder of targets is resumed (refused if made by another spec) or, with `overwrite`, replaced."""
     from noiserefine.evaluation.scorers import scorer_for
 
@@ -102,7 +106,7 @@ def make_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher,
 
     state = PartialState(cpu=not torch.cuda.is_available())
     shard_ids = range(state.process_index, spec.num_shards, state.num_processes)
-    scorer = scorer_for(backbone, score, clip_model=clip_model, aesthetic_model=aesthetic_model)
+    scorer = scorer_for(backbone, score, scorer_models or ScorerModels())
     if state.is_main_process:
         folder.open()  # under `overwrite` the old targets go once, before any process writes
     state.wait_for_everyone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -47,7 +48,9 @@ def _overwrite_option(what: str) -> Callable[[Callable[..., Any]], Callable[...,
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="log debug messages too")
+@click.option("-q", "--quiet", is_flag=True, help="log warnings and errors only")
+def main(verbose: bool, quiet: bool) -> None:
     """Guided diffusion quality at unguided cost: NoiseRefine, Golden Noise and Noise Diffusion.
 
     Example: noiserefine sample --prompt-file prompts.txt --seeds 0-7 --method refined --out out/
@@ -55,6 +58,26 @@ def main() -> None:
     Several jobs on few CPU cores: run each with OMP_NUM_THREADS=1 (OpenMP threads of
     concurrent processes otherwise thrash).
     """
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other")
+    _configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+class _LogHandler(logging.StreamHandler):
+    """The CLI's handler of the `noiserefine` logger: one `noiserefine: message` line on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("noiserefine: %(message)s"))
+
+
+def _configure_logging(level: int) -> None:
+    """The library logs to the `noiserefine` logger (a NullHandler of its own); the CLI shows it."""
+    logger = logging.getLogger("noiserefine")
+    for handler in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_LogHandler())
+    logger.setLevel(level)
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -64,6 +87,29 @@ def _read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise NoiseRefineError(f"prompt file {path} has no prompts")
     return prompts
+
+
+def _scorer_model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--clip-model, --aesthetic-model, --pickscore-model, ...: the scorers' local model paths,
+    read off `noiserefine.evaluation.scorers.ScorerModels`."""
+    from noiserefine.evaluation.scorers import MODEL_HELP
+
+    for name, help_ in reversed(list(MODEL_HELP.items())):
+        fn = click.option("--" + name.replace("_", "-"), name, default=None, help=help_)(fn)
+    return fn
+
+
+def _pop_scorer_models(params: dict[str, Any]):
+    """The `ScorerModels` of a command's scorer model options (removed from `params`)."""
+    from noiserefine.evaluation.scorers import MODEL_HELP, ScorerModels
+
+    return ScorerModels(**{name: params.pop(name) for name in MODEL_HELP})
+
+
+def _scorer_help(what: str) -> str:
+    from noiserefine.evaluation.scorers import SCORERS
+
+    return f"{what}: {' | '.join(SCORERS)} (default: the model's own; shapes16: the primary judge)"
 
 
 # -- world ------------------------------------------------------------------------------------
@@ -194,6 +240,7 @@ def _method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--force", is_flag=True, help="load weights trained on another base model"),
         click.option("--scorer", type=click.Choice(SCORERS), default=None,
                      help="scorer of the search methods (default: the model's own; shapes16: the primary judge)"),
+        _scorer_model_options,
         *[click.option(o.flag, o.name, type=o.type, default=None,
                        help=f"{o.help} [{', '.join(m.name for m in METHODS.values() if o in m.options)}; "
                             f"default {o.default}]") for o in all_options().values()],
@@ -247,6 +294,7 @@ def sample(ctx: click.Context, **_: Any) -> None:
     params.pop("prompt_file")
     seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
     method_options = _pop_method_options(params)
+    params["scorer_models"] = _pop_scorer_models(params)
     sampling = SamplingOptions(_pop_guidance(params), params.pop("steps"), params.pop("scheduler"),
                                params.pop("batch_size"))
     click.echo(sample_to_folder(prompts, seeds, out, method_options=method_options, sampling=sampling, **params))
@@ -270,10 +318,8 @@ def eval_cmd(folder: Path) -> None:
 @click.option("--steps", default=20, help="teacher sampler steps N'")
 @click.option("--scheduler", default="ddim")
 @click.option("--shard-size", default=256)
-@click.option("--score", default=None,
-              help="target score for filtering: judge | clip | aesthetic | none (default: the model's own)")
-@click.option("--clip-model", default=None, help="local CLIP folder (for --score clip / aesthetic)")
-@click.option("--aesthetic-model", default=None, help="local aesthetic-predictor safetensors")
+@click.option("--score", default=None, help=_scorer_help("target score for filtering"))
+@_scorer_model_options
 @click.option("--model", default=None)
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="target folder (a killed run resumes here)")
@@ -295,7 +341,24 @@ def targets(ctx: click.Context, **_: Any) -> None:
     prompts = _prompts_for(params, ctx.params.get("preset"))
     params.pop("prompt_file")
     seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
-    click.echo(make_targets(prompts, seeds, _pop_teacher(params), out, **params))
+    click.echo(make_targets(prompts, seeds, _pop_teacher(params), out, scorer_models=_pop_scorer_models(params),
+                            **params))
+
+
+def _trackers() -> list[str]:
+    from noiserefine.train_monitor import TRACKERS
+
+    return list(TRACKERS)
+
+
+def _validation_prompts(text: str | None) -> tuple[str, ...]:
+    """--validation-prompts: `p1,p2`, or `@FILE` with one prompt per line (prompts with commas)."""
+    if text is None:
+        return ()
+    prompts = _read_prompts(Path(text[1:])) if text.startswith("@") else [p.strip() for p in text.split(",")]
+    if not all(prompts):
+        raise NoiseRefineError(f"--validation-prompts has an empty prompt: {text!r}")
+    return tuple(prompts)
 
 
 def _train_default(name: str) -> Any:
@@ -329,6 +392,12 @@ def _train_default(name: str) -> Any:
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
 @_overwrite_option("the run (checkpoint and refiner) instead of resuming it")
+@click.option("--report-to", type=click.Choice(_trackers()), default=None,
+              help="experiment tracker for loss and learning rate per step (under OUT/logs; needs its package)")
+@click.option("--validation-prompts", default=None,
+              help="comma list p1,p2 (or @FILE, one prompt per line): a grid of Gaussian vs refined unguided "
+                   "samples every --validation-every steps, in OUT/validation")
+@click.option("--validation-every", default=0, help="steps between validation grids")
 @_preset_options
 @_friendly_errors
 def train(ctx: click.Context, **_: Any) -> None:
@@ -338,12 +407,16 @@ def train(ctx: click.Context, **_: Any) -> None:
     """
     from noiserefine.backbones.loading import load_backbone
     from noiserefine.train import TrainConfig, train_refiner
+    from noiserefine.train_monitor import Monitoring
 
     params = _with_preset(ctx, "train")
     targets_dirs, out, overwrite = list(params.pop("targets_dir")), params.pop("out"), params.pop("overwrite")
     model, dtype = params.pop("model"), params.pop("dtype")
+    monitoring = Monitoring(params.pop("report_to"), _validation_prompts(params.pop("validation_prompts")),
+                            params.pop("validation_every"))
     cfg = TrainConfig(**params)  # bad settings fail before the model loads
-    click.echo(train_refiner(load_backbone(model, dtype=dtype), targets_dirs, out, cfg, overwrite=overwrite))
+    click.echo(train_refiner(load_backbone(model, dtype=dtype), targets_dirs, out, cfg, overwrite=overwrite,
+                             monitoring=monitoring))
 
 
 # -- Golden Noise / NPNet ---------------------------------------------------------------------
@@ -383,19 +456,16 @@ def golden() -> None:
     "filter_cfg": "CFG scale of the two images sampled to score a pair",
     "filter_steps": "sampler steps of those images",
     "shard_size": "pairs per shard file"})
-@click.option("--score", default=None,
-              help="pair filter scorer: judge | clip | aesthetic (default: the model's own; shapes16: judge)")
-@click.option("--clip-model", default=None, help="local CLIP folder (for --score clip / aesthetic)")
-@click.option("--aesthetic-model", default=None, help="local aesthetic-predictor safetensors")
+@click.option("--score", default=None, help=_scorer_help("pair filter scorer"))
+@_scorer_model_options
 @click.option("--model", default=None, help="base model: shapes16 (default), weights file or pipeline folder")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="model dtype")
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="pair folder (a killed run resumes here)")
 @_overwrite_option("the pairs instead of resuming them")
 @_friendly_errors
-def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: str | None,
-                 aesthetic_model: str | None, model: str | None, dtype: str | None, batch_size: int, out: Path,
-                 overwrite: bool, **spec_options: Any) -> None:
+def golden_pairs(prompt_file: Path, seeds: str, score: str | None, model: str | None, dtype: str | None,
+                 batch_size: int, out: Path, overwrite: bool, **options: Any) -> None:
     """Collect NPNet's noise pairs (x_T, x_T') by re-denoise sampling, each scored on the images
     of both noises (resumable; under `accelerate launch`, processes write disjoint shards).
 
@@ -411,14 +481,15 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, clip_model: s
     from noiserefine.sampling import seeds_from_range
 
     OutputFolder(out, RESULTS, overwrite=overwrite, resume=True).check()  # before the model loads
+    models = _pop_scorer_models(options)
     prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
     backbone = load_backbone(model, dtype=dtype)
     backbone.encode_prompts(prompts)  # an unknown word fails before any work
     score = score or getattr(backbone, "default_scorer", None)
     if score in (None, "none"):
         raise NoiseRefineError("golden pairs keeps the pairs a scorer prefers: choose one with --score")
-    spec = RedenoiseSpec(prompts, seed_list, score=score, **spec_options)
-    scorer = scorer_for(backbone, score, clip_model=clip_model, aesthetic_model=aesthetic_model)
+    spec = RedenoiseSpec(prompts, seed_list, score=score, **options)
+    scorer = scorer_for(backbone, score, models)
     state = PartialState(cpu=not torch.cuda.is_available())
     collect_pairs(backbone, spec, out, scorer, batch_size, (state.process_index, state.num_processes),
                   state.wait_for_everyone, overwrite=overwrite, progress=state.is_main_process)
@@ -478,9 +549,12 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--guide", default=None, help="guide model of the autoA rows (default: the shipped one of shapes16)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
 @click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts)")
-@click.option("--clip-model", default=None, help="local CLIP folder: CLIP score per row (real models)")
-@click.option("--scorer", default=None, help="scorer of the search-method rows: judge | clip | none "
-              "(default: the model's own; shapes16: the primary judge)")
+@_scorer_model_options
+@click.option("--reference", type=PATH, default=None,
+              help="folder of reference images: FD of each row to them (real models)")
+@click.option("--fd-model", type=PATH, default=None, help="FD features: an Inception-v3 weights file (FID; needs "
+              "torch-fidelity) or a local CLIP folder (FD in CLIP space; default: --clip-model); the table names it")
+@click.option("--scorer", default=None, help=_scorer_help("scorer of the search-method rows"))
 @click.option("--split", type=click.Choice(["dev", "test"]), default="dev",
               help="prompt and seed draw: tune on dev; report on test, which no choice may touch")
 @click.option("--out", type=PATH, required=True)
@@ -488,22 +562,27 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_timing_options
 @_friendly_errors
 def bench(n: int, batch_size: int, rows: str, refiner: Path | None, npnet: Path | None, force: bool, model: str | None,
-          guide: str | None, dtype: str | None, prompt_file: Path | None, clip_model: str | None,
-          scorer: str | None, split: str, out: Path, overwrite: bool, threads: int, rounds: int) -> None:
+          guide: str | None, dtype: str | None, prompt_file: Path | None, reference: Path | None,
+          fd_model: Path | None, scorer: str | None, split: str, out: Path, overwrite: bool,
+          threads: int, rounds: int, **models: str | None) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
 
-    On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures
-    and, with --clip-model, the CLIP score. A row is `method[@opt+opt...]` with guidance options
+    On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures,
+    the mean of each scorer whose model is given (--clip-model: CLIP score, --pickscore-model,
+    --hpsv2-model, --imagereward-model, --aesthetic-model) and, with --reference, FD to a folder of
+    images; each row's images and a labelled grid are saved under OUT/images and OUT/grids. A row is `method[@opt+opt...]` with guidance options
     cfgW pagS autoA startF stopF, stepsN, nN (first N images only) and the method's own
     (refined: strengthS, wW for a scale-conditioned refiner; best-of-n: budgetB).
 
     Example: noiserefine bench --n 1000 --split test --out runs/bench
     """
     from noiserefine.evaluation.bench import run_bench
+    from noiserefine.evaluation.real_suite import RealEvaluation
 
     prompts = _read_prompts(prompt_file) if prompt_file else None
+    evaluation = RealEvaluation(_pop_scorer_models(models), reference, fd_model)
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
-                         dtype=dtype, prompts=prompts, clip_model=clip_model, guide=guide,
+                         dtype=dtype, prompts=prompts, evaluation=evaluation, guide=guide,
                          scorer=scorer, split=split, overwrite=overwrite, threads=threads, rounds=rounds,
                          npnet=npnet).read_text())
 

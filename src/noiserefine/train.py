@@ -13,8 +13,9 @@ run equals a 1-process run up to float reduction order.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -31,10 +32,13 @@ from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
 from noiserefine.sampling import denoise, make_scheduler
 from noiserefine.targets import TargetSet, load_targets
+from noiserefine.train_monitor import Monitoring, StepReport
 from noiserefine.training_loop import LoopSettings, run_training_loop
 
+log = logging.getLogger(__name__)
+
 LossName = Literal["msd", "full", "noise"]
-RESULTS = ("checkpoint", "refiner", "refiner.safetensors", "refiner.json")  # the last two: runs before folders
+RESULTS = ("checkpoint", "refiner", "validation", "logs", "refiner.safetensors", "refiner.json")  # last two: old runs
 """What a training run writes into its folder (`OutputFolder` results; a run there resumes)."""
 
 
@@ -93,13 +97,17 @@ def _global_batch(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
 
 
 def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path, cfg: TrainConfig = TrainConfig(),
-                  accelerator: Accelerator | None = None, progress: bool = True, overwrite: bool = False) -> Path:
+                  accelerator: Accelerator | None = None, progress: bool = True, overwrite: bool = False,
+                  monitoring: Monitoring = Monitoring()) -> Path:
     """Train (or resume) a refiner on one or more target folders. Writes the refiner folder `out/refiner`
     (`NoiseRefiner.save_pretrained`: a PEFT adapter folder + noiserefine.json + model card) and returns it;
     checkpoints under `out/checkpoint` (atomic, every `checkpoint_every` steps). `overwrite` deletes an
-    earlier run in `out` (once the inputs are validated) instead of resuming it."""
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                     mixed_precision=_mixed_precision(cfg, backbone))
+    earlier run in `out` (once the inputs are validated) instead of resuming it. `monitoring` adds an
+    experiment tracker (loss and learning rate per step) and validation grids every K steps
+    (`noiserefine.train_monitor`; the tracker needs the Accelerator made here)."""
+    monitoring.check()
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg, backbone),
+                                     **monitoring.accelerator_kwargs(Path(out)))
     folder = OutputFolder(Path(out), RESULTS, overwrite=overwrite, resume=True).check()
     out = Path(out)
     loop = LoopSettings(out / "checkpoint", cfg.steps, lr_schedule=cfg.lr_schedule,
@@ -128,14 +136,19 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     objective, opt = acc.prepare(objective, opt)
     inv = _inversion_noise(backbone, data, cfg) if cfg.loss == "noise" else None
     folder.open()  # after validation; under `overwrite` the old run goes before the loop could resume it
-    run = run_training_loop(loop, {"refiner": _RefinerState(refiner)}, opt,
+    log.info("training a refiner (%s loss) on %d targets for %d steps, batch %d on %d process(es), into %s",
+             cfg.loss, len(data), cfg.steps, cfg.batch_size, acc.num_processes, out)
+    report = StepReport(monitoring, acc, refiner, out, asdict(cfg))
+    run = run_training_loop(replace(loop, on_step=report), {"refiner": _RefinerState(refiner)}, opt,
                             lambda step: _train_step(objective, opt, params, data, inv, cfg, step, acc))
+    report.close()
     path = out / "refiner"
     if acc.is_main_process:
         refiner.save_pretrained(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
                                        "final_loss_avg20": float(np.mean(run.losses[-20:])),
                                        "train_seconds_this_run": round(run.seconds, 1)})
     acc.wait_for_everyone()
+    log.info("wrote refiner %s", path)
     return path
 
 

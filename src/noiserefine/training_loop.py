@@ -10,6 +10,7 @@ A trainer builds its modules and a fresh optimizer, writes a step function, and 
   learning rate at every step as an uninterrupted one;
 - the step loop with a tqdm progress bar (running mean of the loss);
 - atomic checkpoints every `checkpoint_every` steps and at the last step (`checkpoint.py`);
+- a per-step report hook (`on_step(step, loss, lr)`: experiment trackers, validation images);
 - Ctrl-C: the bar is closed, the last checkpoint is kept (a save cut by the interrupt leaves the
   previous one), a line says where the run resumes, and KeyboardInterrupt propagates.
 
@@ -79,6 +80,8 @@ class LoopSettings:
         postfix: name of the running-mean loss on the bar; window: steps it averages.
         is_main_process: whether this process writes checkpoints and shows the bar.
         wait_for_everyone: barrier after each checkpoint (accelerate's), None in one process.
+        on_step: called after every step with (steps done, the step's loss, the learning rate it
+            ran at), in every process; None: nothing to report.
     """
 
     checkpoint: Path
@@ -94,6 +97,7 @@ class LoopSettings:
     window: int = 20
     is_main_process: bool = True
     wait_for_everyone: Callable[[], None] | None = None
+    on_step: Callable[[int, float, float], None] | None = None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -139,6 +143,8 @@ def run_training_loop(settings: LoopSettings, modules: dict[str, torch.nn.Module
     record = load_checkpoint(settings.checkpoint, modules, opt)
     start, losses = (record["step"], list(record.get("losses", []))) if record else (0, [])
     _check_resumable(settings, record)
+    if start:
+        log.info("resuming %s at step %d of %d", settings.checkpoint, start, settings.steps)
     scheduler = _lr_scheduler(opt, settings, start, base_lrs)
     saved = start
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.desc, unit="step",
@@ -146,8 +152,11 @@ def run_training_loop(settings: LoopSettings, modules: dict[str, torch.nn.Module
     t0 = time.time()
     try:
         for step in bar:
+            lr = opt.param_groups[0]["lr"]  # the rate this step runs at
             losses.append(float(step_fn(step)))
             scheduler.step()
+            if settings.on_step is not None:
+                settings.on_step(step + 1, losses[-1], lr)
             bar.set_postfix({settings.postfix: f"{np.mean(losses[-settings.window:]):.4g}"})
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                 _save(settings, step + 1, modules, opt, losses)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from noiserefine.backbones.base import Backbone
 from noiserefine.backbones.loading import load_backbone
 from noiserefine.errors import NoiseRefineError
+from noiserefine.evaluation.real_suite import SAVED, RealEvaluation, RealRowScore, metric_columns, save_row
 from noiserefine.evaluation.scorers import scorer_for
 from noiserefine.evaluation.timing import (DEFAULT_ROUNDS, DEFAULT_THREADS, MachineLoad, RowClock, check_timing,
                                            chunk_bounds, load_warning, schedule, torch_threads)
@@ -102,8 +103,8 @@ class BenchSetup:
     batch_size: int
 
 
-RESULTS = ("bench.md", "bench.json")
-"""What `run_bench` writes (`OutputFolder` results)."""
+RESULTS = ("bench.md", "bench.json", *SAVED)
+"""What `run_bench` writes (`OutputFolder` results; a real-model bench also saves its images and grids)."""
 
 
 def check_bench_size(n: int, batch_size: int = 1) -> None:
@@ -184,14 +185,15 @@ class RowRun:
 
 
 def run_rows(backbone: Backbone, specs: Sequence[RowSpec], build: Callable[[RowSpec, list[dict]], NoiseMethod],
-             setup: BenchSetup, score: Score, rounds: int = DEFAULT_ROUNDS, progress: bool = False) -> list[dict]:
+             setup: BenchSetup, score: Score, rounds: int = DEFAULT_ROUNDS, progress: bool = False,
+             on_row: Callable[[RowRun], None] | None = None) -> list[dict]:
     """Time the rows in interleaved rounds and score them; one record per spec, in order.
 
     Every row is warmed up first, then round k samples chunk k of every row (`schedule`), so load
     that hits the machine at some moment hits every row alike. `build(spec, done)` makes a row's
     method from the records of the rows before it that are done: a row that reads them (best-of-n
     takes Noise Diffusion's scorer budget) runs in a later set of rounds (`_waves`). The progress
-    bar counts images.
+    bar counts images. `on_row(run)` sees each finished row's images (the real-model bench saves them).
     """
     done: dict[int, dict] = {}
     with tqdm(total=sum(_row_size(s, setup) for s in specs), unit="img", desc="bench", disable=not progress) as bar:
@@ -208,6 +210,8 @@ def run_rows(backbone: Backbone, specs: Sequence[RowSpec], build: Callable[[RowS
                 with progress_notes(bar if progress else None, label + ": "):  # steps, search rounds
                     bar.update(runs[r].run_chunk(k))
             bar.set_postfix_str("scoring")
+            for run in runs if on_row else ():
+                on_row(run)
             done |= {i: run.finish(score) for i, run in zip(wave, runs)}
     return [done[i] for i in range(len(specs))]
 
@@ -230,7 +234,7 @@ def _row_size(spec: RowSpec, setup: BenchSetup) -> int:
 
 def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "default",
               refiner: Path | None = None, model: str | None = None, progress: bool = True,
-              prompts: Sequence[str] | None = None, clip_model: str | None = None, dtype: str | None = None,
+              prompts: Sequence[str] | None = None, evaluation: RealEvaluation = RealEvaluation(), dtype: str | None = None,
               force: bool = False, guide: str | None = None, scorer: str | None = None,
               overwrite: bool = False, split: str = "dev", threads: int = DEFAULT_THREADS,
               rounds: int = DEFAULT_ROUNDS, npnet: Path | None = None) -> Path:
@@ -239,7 +243,10 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
 
     On the embedded shapes16 model rows are scored by the two judges (adherence, FD). On a real
     model (`model` = a pipeline folder or hub id) rows carry time, model evaluations and memory,
-    plus the CLIP score when `clip_model` names a local CLIP folder; prompts come from `prompts`
+    plus what `evaluation` asks for (`noiserefine.evaluation.real_suite`: the mean of each scorer
+    whose local model it names, FD to a reference folder), and each row's images and a labelled
+    grid are saved into `out` as the row finishes (the folder is then made before the rows run);
+    the search rows' scorer comes from the same models; prompts come from `prompts`
     (default: the shapes16 prompts, which any text-to-image model can read), drawn with `split`'s
     seeds ("dev" to tune on, "test" to report). A refined row's teacher row is added to the run
     when missing (for a scale-conditioned refiner, the teacher at the row's scale `wW`).
@@ -262,9 +269,10 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     for method, path in weights.items():
         if not any(s.method == method for s in specs):
             raise NoiseRefineError(f"{path} would be ignored: no row of {rows!r} is a {method!r} row")
-    score = suite.score(backbone, clip_model)
+    evaluation.check()
+    score = suite.score(backbone, evaluation)
     setup = bench_setup(n, batch_size, list(prompts or ALL_PROMPTS), split)
-    ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, clip_model=clip_model), weights=weights,
+    ctx = MethodContext(backbone, scorer=scorer_for(backbone, scorer, evaluation.models, search=True), weights=weights,
                         force=force)
     teachers = _teacher_rows(ctx, specs) if any(s.method == "refined" for s in specs) else {}
     for k, row in enumerate(dict.fromkeys(teachers.values())):  # a teacher's row must be in the same run
@@ -275,9 +283,11 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
         options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
         return registry.build(spec.method, replace(ctx, sampling=options), **_method_opts(spec, results))
 
+    saved = folder.open() if suite.saves_images else None
+    on_row = (lambda run: save_row(saved, run.spec.label, torch.cat(run.images), run.prompts, run.seeds)) if saved else None
     load = MachineLoad(threads)
     with torch_threads(threads):
-        results = run_rows(backbone, specs, build, setup, score, rounds, progress)
+        results = run_rows(backbone, specs, build, setup, score, rounds, progress, on_row)
     load.finish()
     for spec, row in zip(specs, results):
         if spec in teachers:
@@ -294,31 +304,21 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
             "reference_row": reference.label,
             "torch_threads": threads, "rounds": rounds, "load": load.to_record(), "device": str(backbone.device),
             "methods": list(dict.fromkeys(s.method for s in specs)),
-            "model": model or "shapes16", "backbone": type(backbone).__name__, "dtype": str(backbone.dtype).removeprefix("torch.")}
-    out = folder.open()
+            "model": model or "shapes16", "backbone": type(backbone).__name__, "dtype": str(backbone.dtype).removeprefix("torch."),
+            **getattr(score, "meta", {})}
+    out = saved or folder.open()  # opened once: under `overwrite` a second open would delete the saved images
     write_json(out / "bench.json", {"meta": meta, "rows": results})
     (out / "bench.md").write_text(suite.table(results, meta))
     return out / "bench.md"
 
 
-def _judge_score(backbone: Backbone, clip_model: str | None) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+def _judge_score(backbone: Backbone, evaluation: RealEvaluation) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
     """Adherence and FD under both judges (the embedded world)."""
     from noiserefine.evaluation.judge import load_judges
     from noiserefine.evaluation.metrics import score_images
 
     judges = load_judges()
     return lambda images, prompts: score_images(images, prompts, judges)
-
-
-def _real_score(backbone: Backbone, clip_model: str | None) -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
-    """CLIP score (mean over the row) from a local CLIP folder, or nothing to score with."""
-    if clip_model is None:
-        return lambda images, prompts: {}
-    from noiserefine.evaluation.scorers import CLIPScorer
-
-    scorer = CLIPScorer(clip_model, backbone.device)
-    return lambda images, prompts: {"clip_score": float(torch.cat(
-        [scorer(images[i: i + 64], prompts[i: i + 64]) for i in range(0, len(prompts), 64)]).mean())}
 
 
 def _teacher_rows(ctx: MethodContext, specs: list[RowSpec]) -> dict[RowSpec, RowSpec]:
@@ -367,13 +367,14 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def format_real_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The table for a real model: cost columns, and the CLIP score where one was computed."""
-    clip = any("clip_score" in r for r in rows)
-    head = "| row | NFE/img | s/img | CPU s/img | x CFG-ref time |" + (" CLIP score |" if clip else "") + " peak MB |\n"
-    head += "|---" * (6 + clip) + "|\n"
+    """The table for a real model: cost columns, and the scores and FD computed (`real_suite.metric_columns`)."""
+    metrics = metric_columns(rows, meta)
+    head = "| row | NFE/img | s/img | CPU s/img | x CFG-ref time |" + "".join(f" {h} |" for _, h, _ in metrics) + " peak MB |\n"
+    head += "|---" * (6 + len(metrics)) + "|\n"
     body = "".join(
         f"| {r['row']}{_subset(r, meta)} | {r['nfe_per_image']:g} | {r['sec_per_image']:.3f} s "
-        f"| {r['cpu_sec_per_image']:.3f} s | {r['ratio_to_cfg']:.2f} |" + (f" {r.get('clip_score', float('nan')):.2f} |" if clip else "")
+        f"| {r['cpu_sec_per_image']:.3f} s | {r['ratio_to_cfg']:.2f} |"
+        + "".join(" " + fmt.format(r.get(key, float("nan"))) + " |" for key, _, fmt in metrics)
         + f" {r['peak_mem_mb']:.0f} |\n" for r in rows)
     note = (f"\n{meta['model']} ({meta['dtype']}), {meta['n']} images per row (same prompts and seeds), "
             f"{meta['sampler']}, batch {meta['batch_size']}, {meta['torch_threads']} torch thread(s) on {meta['device']}, "
@@ -389,16 +390,18 @@ def _timing_note(meta: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Suite:
-    """How a world is benchmarked: its default rows, its row scores and its table."""
+    """How a world is benchmarked: its default rows, its row scores, its table and whether each
+    row's images are saved (with a grid) into the bench folder."""
 
     rows: str
-    score: Callable[[Backbone, str | None], Callable[[torch.Tensor, list[str]], dict[str, float]]]
+    score: Callable[[Backbone, RealEvaluation], Callable[[torch.Tensor, list[str]], dict[str, float]]]
     table: Callable[[list[dict[str, Any]], dict[str, Any]], str]
+    saves_images: bool = False
 
 
 SUITES = {"shapes16": Suite(DEFAULT_ROWS, _judge_score, format_table)}
 """Suites by the backbone's `world`; any other model is benchmarked as a real model."""
-REAL_MODEL_SUITE = Suite(REAL_MODEL_ROWS, _real_score, format_real_table)
+REAL_MODEL_SUITE = Suite(REAL_MODEL_ROWS, RealRowScore, format_real_table, saves_images=True)
 
 
 def _subset(row: dict[str, Any], meta: dict[str, Any]) -> str:
