@@ -162,11 +162,16 @@ CASES = [
     # demo
     Case("demo-n-0", "demo --n 0 --out {new}", r"n \(images per row\) must be >= 1, got 0"),
     Case("demo-holds-results", "demo --n 2 --out {ws}/demo", r"demo already holds results \(bench\.json, "),
-    # analyze
-    Case("analyze-n-0", "analyze --n 0 --out {new}", r"n \(images per row\) must be >= 1, got 0"),
-    Case("analyze-refiner-missing", "analyze --n 2 --refiner {ws}/missing.safetensors --out {new}",
-         r"refiner not found: .*missing\.safetensors"),
-    Case("analyze-holds-results", "analyze --n 2 --out {ws}/analysis", r"analysis already holds results"),
+    # report
+    Case("report-holds-a-report", "report --out {ws}/report",
+         r"report already holds a report; pass --resume to reuse its cache .*--overwrite to replace it"),
+    Case("report-holds-a-cache", "report --quick --out {ws}/report-killed",
+         r"report-killed already holds the cache of an unfinished report; pass --resume"),
+    Case("report-resume-and-overwrite", "report --resume --overwrite --out {ws}/report", r"pass one of them"),
+    Case("report-resume-other-size", "report --resume --quick --out {ws}/report",
+         r"holds a report made with quick=False, split=test; resume it with the same options"),
+    Case("report-out-is-file", "report --quick --out {ws}/afile", r"afile is a file, not a folder"),
+    Case("report-parent-missing", "report --quick --out {ws}/no/report", r"parent folder of the output does not exist"),
     # world
     Case("world-export-n-negative", "world export --n -1 --out {new}", r"n >= 1 renders .*got n=-1"),
     Case("world-export-n-0", "world export --n 0 --out {new}", r"n >= 1 renders .*got n=0"),
@@ -205,12 +210,15 @@ def workspace(tmp_path_factory) -> Path:
     for args in (f"sample --prompt-file {ws}/p.txt --seeds 0-1 --steps 1 --out {ws}/samples",
                  f"world export --n 2 --out {ws}/export"):
         assert runner.invoke(main, shlex.split(args)).exit_code == 0
-    for folder, names in {"bench": ("bench.md", "bench.json"), "analysis": ("analysis.json", "analysis.png"),
-                          "demo": ("grid.png", "bench.md", "bench.json"),
+    for folder, names in {"bench": ("bench.md", "bench.json"), "demo": ("grid.png", "bench.md", "bench.json"),
                           "pngs": ("00000_seed0.png",)}.items():
         (ws / folder).mkdir()
         for name in names:
             (ws / folder / name).write_text(f"an earlier {name}\n")
+    for folder in ("report", "report-killed"):  # a full report, and the cache a killed one left
+        (ws / folder / "cache").mkdir(parents=True)
+        (ws / folder / "cache" / "settings.json").write_text(json.dumps({"quick": False, "split": "test"}))
+    (ws / "report" / "index.html").write_text("an earlier page\n")
     png = ws / "export" / "00001.png"
     _write_eval_folder(ws / "eval-truncated", ws / "export" / "00000.png", png.read_bytes()[:60])
     _write_eval_folder(ws / "eval-notimage", ws / "export" / "00000.png", b"these are not PNG bytes\n")
@@ -246,7 +254,7 @@ def test_bad_input_is_one_error_line(case: Case, workspace: Path, tmp_path: Path
 def test_the_table_covers_every_command_the_issue_names() -> None:
     commands = {c.args.split()[0] for c in CASES}
     assert len(CASES) >= 25
-    assert {"sample", "eval", "targets", "train", "bench", "demo", "analyze", "world", "train-base"} <= commands
+    assert {"sample", "eval", "targets", "train", "bench", "demo", "report", "world", "train-base"} <= commands
 
 
 # -- the output-folder policy -------------------------------------------------------------------

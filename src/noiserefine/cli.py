@@ -604,29 +604,24 @@ def demo(n: int, out: Path, overwrite: bool, threads: int, rounds: int) -> None:
 
 
 @main.command()
-@click.option("--n", default=300, help="images per measurement")
-@click.option("--refiner", type=PATH, default=None)
-@click.option("--out", type=PATH, required=True)
-@_overwrite_option("an analysis")
+@click.option("--out", type=PATH, required=True, help="report folder (its parent must exist): index.html, "
+              "report.json, the PNGs and cache/")
+@click.option("--quick", is_flag=True, help="every item at a small n (about 3 minutes; what the tests run)")
+@click.option("--resume", is_flag=True, help="reuse the cache in --out: a killed run goes on, a finished one is "
+              "re-rendered")
+@_overwrite_option("a report and its cache")
 @_friendly_errors
-def analyze(n: int, refiner: Path | None, out: Path, overwrite: bool) -> None:
-    """Section-5 analyses of a refiner: change size, frequency content, band swaps, strength.
+def report(out: Path, quick: bool, resume: bool, overwrite: bool) -> None:
+    """Regenerate the papers' evidence on the shipped models and the bench's test split: one HTML
+    page (index.html) with the paper's claim, ours and a verdict per item, report.json and the PNGs
+    (full: at most 40 minutes on 2 cores; a killed run resumes with --resume).
 
-    Example: noiserefine analyze --out runs/analysis
+    Example: noiserefine report --out runs/report
     """
-    from noiserefine.analysis import RESULTS, AnalysisInputs, run_analysis
-    from noiserefine.api import load_refiner
-    from noiserefine.evaluation.bench import bench_setup
-    from noiserefine.evaluation.judge import load_judges
-    from noiserefine.evaluation.metrics import score_images
-    from noiserefine.io import OutputFolder
+    from noiserefine.report.run import run_report
 
-    OutputFolder(out, RESULTS, overwrite=overwrite).check()  # before any model loads
-    setup = bench_setup(n, batch_size=n)
-    judges = load_judges()
-    inputs = AnalysisInputs(load_refiner(path=refiner), setup.prompts, setup.seeds,
-                            lambda images, prompts: score_images(images, prompts, judges))
-    click.echo(json.dumps(run_analysis(inputs, out, overwrite=overwrite), indent=2))
+    page = run_report(out, quick=quick, resume=resume, overwrite=overwrite)
+    click.echo(f"wrote {page}, {page.parent / 'report.json'} and the figures beside them")
 
 
 def _floats(text: str) -> list[float]:

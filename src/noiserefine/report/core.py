@@ -68,11 +68,14 @@ def item(key: str, title: str, paper: str) -> Callable[[Callable[["ReportContext
 @dataclass
 class ReportContext:
     """What every item gets: the output folder, the size (`quick` = small n for tests), the bench
-    split the figures come from ("test": no choice was made on it) and a cache for reuse on re-run."""
+    split the figures come from ("test": no choice was made on it) and a cache for reuse on re-run.
+    `computed` and `reused` name the cache entries this context computed and read back, in order."""
 
     out: Path
     quick: bool = False
     split: str = "test"
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
 
     @property
     def cache_dir(self) -> Path:
@@ -92,8 +95,10 @@ class ReportContext:
         """`compute()` once; later runs read DIR/cache/<name>.json (written atomically)."""
         path = self.cache_dir / f"{name}.json"
         if path.exists():
+            self.reused.append(path.name)
             return json.loads(path.read_text())
         value = compute()
+        self.computed.append(path.name)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(value, indent=1))
         tmp.replace(path)
@@ -103,8 +108,10 @@ class ReportContext:
         """`compute()` once; later runs read DIR/cache/<name>.safetensors (written atomically)."""
         path = self.cache_dir / f"{name}.safetensors"
         if path.exists():
+            self.reused.append(path.name)
             return load_file(str(path))
         value = {k: v.contiguous() for k, v in compute().items()}
+        self.computed.append(path.name)
         tmp = path.with_suffix(".tmp")
         save_file(value, str(tmp))
         tmp.replace(path)
