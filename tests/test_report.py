@@ -187,11 +187,12 @@ def test_the_page_escapes_text_and_shows_each_part_of_an_item() -> None:
     entry = {"key": "tab9", "title": "Tab. 9: <b>bold</b>", "paper": "paper says 1.0",
              "ours": "ours <script>x</script>",
              "verdict": "differs", "why": "because", "table": [{"a": 1.23456, "b": "x"}], "figures": ["f.png"],
+             "captions": {"f.png": "what f shows"},
              "data": {}, "seconds": 1.0, "computed": [], "reused": ["f.json"]}
     html = page.render(meta, [entry])
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;bold" in html
     for part in ('id="tab9"', "Paper:</span> paper says 1.0", "<th>a</th>", "<td>1.235</td>", 'src="f.png"',
-                 'class="badge differs"', "because", '<a href="#tab9">'):
+                 'class="badge differs"', "because", '<a href="#tab9">', "Tab. 9, figure 1. what f shows"):
         assert part in html, part
 
 

@@ -27,6 +27,33 @@ from noiserefine.report.format import adherence, diff, fd
 
 STEPS = 20
 
+CAPTIONS = {
+    "fig9a.png": ("Histogram of the absolute values of the refinement delta = x_hat_T - x_T and of the difference of "
+                  "two independent Gaussian noises (Fig. 9a)."),
+    "fig9b.png": ("Left: mean squared Fourier magnitude in rings of normalised radius (0 = DC, 1 = corner), log scale "
+                  "(Fig. 9b). Right: share of the squared norm at radius <= the cutoff (Fig. 16); white noise grows "
+                  "with the ring area."),
+    "fig15.png": ("Left: adherence of x_T plus one 0.1-wide band of the refinement, both judges, with x_T alone and "
+                  "the full refinement as lines. Right: share of images closer to the refined noise's image than to "
+                  "the Gaussian noise's."),
+    "fig17.png": ("Low (<= cutoff) or high (> cutoff) frequencies kept; the rest taken from x_T (only the delta's "
+                  "band kept), zeroed (Fig. 17) or re-drawn from an independent Gaussian (Fig. 18). Left: adherence "
+                  "(one SE); right: share of images closer to the refined image."),
+    "fig17-images.png": ("The first prompts and seeds of the split: Gaussian and refined noise, then every band "
+                         "variant."),
+    "fig11.png": ("Share of x0-predictions in which the judge reads all three attributes of the prompt, at each of "
+                  "the 20 DDIM steps."),
+    "fig11-strips.png": ("x0-predictions along the trajectory for three prompts and seeds: Gaussian noise unguided, "
+                         "Gaussian noise with the teacher's guidance, refined noise unguided."),
+    "fig13.png": ("Adherence (one SE) and FD of x_T + s * delta sampled unguided, against s (s = 0: Gaussian noise, s "
+                  "= 1: the refined noise)."),
+    "fig13-images.png": "The same noise and prompt at growing strength s.",
+    "fig22.png": ("Adherence along the slerp path between two Gaussian noises, sampled as they are or refined first "
+                  "(t = 0 and 1 are the two ends)."),
+    "fig22-images.png": "Each pair of rows: one prompt, the unrefined path above the refined one.",
+}
+"""The caption under each figure on the page."""
+
 
 @dataclass
 class Sweep:
@@ -42,7 +69,7 @@ class Sweep:
 
     @classmethod
     def of(cls, ctx: ReportContext) -> "Sweep":
-        n = ctx.n(200, 8)
+        n = ctx.n(200, 6)
         s = measure.setup(ctx, n)
         return cls(ctx, n, s.prompts, measure.gaussian(s.seeds), measure.refinement(ctx, n),
                    measure.gaussian([k + PAIR_SEED_OFFSET for k in s.seeds]))
@@ -101,11 +128,11 @@ def fig9(ctx: ReportContext) -> ItemResult:
     low_d, low_g = energy_below(delta, [0.25])[0], energy_below(x_T, [0.25])[0]
     rings = radial_power(delta), radial_power(x_T)
     centres = [(b + 0.5) / len(rings[0]) for b in range(len(rings[0]))]
-    figs = [figures.histogram(ctx.figure_path("fig9a.png"), {
+    figs = [figures.histogram(ctx.figure_path("fig9a.png", CAPTIONS["fig9a.png"]), {
                 "|x_T - x'| (two independent Gaussians)": random_pair.abs().flatten().numpy(),
                 "|x_hat_T - x_T| (the refinement)": delta.abs().flatten().numpy()},
                 f"Fig. 9a: size of the change per value (n = {n} noises)", "absolute difference"),
-            figures.line_panels(ctx.figure_path("fig9b.png"), [
+            figures.line_panels(ctx.figure_path("fig9b.png", CAPTIONS["fig9b.png"]), [
                 Panel("Fig. 9b: radial power spectrum", "normalised frequency radius (ring centre)",
                       "mean |FFT|^2", [Curve("refinement delta", centres, list(rings[0])),
                                        Curve("Gaussian noise x_T", centres, list(rings[1]), style="s--")], log_y=True),
@@ -163,7 +190,7 @@ def fig15(ctx: ReportContext) -> ItemResult:
     agrees = best_share == 0 and best_gain == 0
     low = recs[0]
     x = list(range(len(BANDS)))
-    fig = figures.line_panels(ctx.figure_path("fig15.png"), [
+    fig = figures.line_panels(ctx.figure_path("fig15.png", CAPTIONS["fig15.png"]), [
         Panel("adherence with one band of delta", "band of normalised radius", "adherence (± 1 SE)", [
             Curve("primary judge", x, [r["adherence"] for r in recs], [r["adherence_se"] for r in recs]),
             Curve("held-out judge", x, [r["heldout_adherence"] for r in recs],
@@ -257,7 +284,7 @@ def _variant_plot(ctx: ReportContext, sweep: Sweep, recs: dict, cutoffs: tuple[f
     keys = [(side, v) for side in ("low", "high") for v in VARIANTS]
     x = list(range(len(keys)))
     ticks = list(zip(x, [f"{side} kept,\nrest {v}" for side, v in keys]))
-    return figures.line_panels(ctx.figure_path("fig17.png"), [
+    return figures.line_panels(ctx.figure_path("fig17.png", CAPTIONS["fig17.png"]), [
         Panel("adherence", "", "adherence (primary, ± 1 SE)", [
             Curve(f"cutoff {c:g}", x, [recs[(c, *k)]["adherence"] for k in keys],
                   [recs[(c, *k)]["adherence_se"] for k in keys], "o") for c in cutoffs], xticks=ticks),
@@ -276,7 +303,8 @@ def _variant_picture(ctx: ReportContext, sweep: Sweep, recs: dict, cutoffs: tupl
             for v in VARIANTS:
                 rows.append(recs[(c, side, v)]["images"][:cols])
                 labels.append(f"{side} <= {c:g} kept, rest {v}" if side == "low" else f"high > {c:g} kept, rest {v}")
-    return figures.picture_grid(ctx.figure_path("fig17-images.png"), [list(r) for r in rows], labels,
+    return figures.picture_grid(ctx.figure_path("fig17-images.png", CAPTIONS["fig17-images.png"]),
+                                [list(r) for r in rows], labels,
                                 [f"prompt/seed {i + 1}" for i in range(cols)],
                                 "Fig. 17 / 18: images of band-filtered noises (unguided, DDIM 20)",
                                 "'delta': x_T plus the kept band of the refinement; 'zeroed': only the kept band of "
@@ -329,14 +357,14 @@ def fig11(ctx: ReportContext) -> ItemResult:
     shown = [1, 2, 3, 4, 6, 8, 11, 14, 17, 20]
     picture = [[traj[name]["first"][k - 1, i] for k in shown] for i in range(min(3, sweep.n)) for name in names]
     labels = [f"image {i + 1}\n{name}" for i in range(min(3, sweep.n)) for name in names]
-    figs = [figures.line_panels(ctx.figure_path("fig11.png"), [
+    figs = [figures.line_panels(ctx.figure_path("fig11.png", CAPTIONS["fig11.png"]), [
                 Panel("x0-prediction adherence per step", "sampler step (t from T to 0)", "adherence (primary judge)",
                       [Curve(name, steps, curves[name], style=s) for name, s in zip(names, ("o-", "^--", "s-"))]),
                 Panel("held-out judge", "sampler step (t from T to 0)", "adherence (held-out judge)",
                       [Curve(name, steps, traj[name]["heldout"].float().mean(1).tolist(), style=s)
                        for name, s in zip(names, ("o-", "^--", "s-"))])],
                 f"Fig. 11: is the prompt readable in the x0-prediction at each step? (n = {sweep.n}, DDIM {STEPS})"),
-            figures.picture_grid(ctx.figure_path("fig11-strips.png"), picture, labels,
+            figures.picture_grid(ctx.figure_path("fig11-strips.png", CAPTIONS["fig11-strips.png"]), picture, labels,
                                  [f"step {k}" for k in shown],
                                  "Fig. 11: x0-predictions from t = T (left) to the end (right)",
                                  "The same prompt and seed in each group of three rows.")]
@@ -374,7 +402,7 @@ def fig13(ctx: ReportContext) -> ItemResult:
               "FD / held-out FD": fd(r)} for k, r in by.items()]
     listed = ", ".join(f"s={k:g}: {r['adherence']:.3f}" for k, r in by.items())
     cols = min(4, sweep.n)
-    figs = [figures.line_panels(ctx.figure_path("fig13.png"), [
+    figs = [figures.line_panels(ctx.figure_path("fig13.png", CAPTIONS["fig13.png"]), [
                 Panel("adherence", "strength s", "adherence (± 1 SE)", [
                     Curve("primary judge", s, [r["adherence"] for r in recs], [r["adherence_se"] for r in recs]),
                     Curve("held-out judge", s, [r["heldout_adherence"] for r in recs],
@@ -383,7 +411,7 @@ def fig13(ctx: ReportContext) -> ItemResult:
                     Curve("primary judge", s, [r["fd"] for r in recs]),
                     Curve("held-out judge", s, [r["heldout_fd"] for r in recs], style="s-")])],
                 f"Fig. 13: x_T + s * delta sampled unguided (n = {sweep.n})"),
-            figures.picture_grid(ctx.figure_path("fig13-images.png"),
+            figures.picture_grid(ctx.figure_path("fig13-images.png", CAPTIONS["fig13-images.png"]),
                                  [[r["images"][i] for r in recs] for i in range(cols)],
                                  [sweep.prompts[i].removeprefix("a ") for i in range(cols)],
                                  [f"s = {k:g}" for k in STRENGTHS], "Fig. 13: the same noise at growing strength")]
@@ -433,11 +461,11 @@ def fig22(ctx: ReportContext) -> ItemResult:
     picture = [paths[name][j][i] for i in range(shown) for name in paths for j in range(len(INTERPOLATION))]
     grid = [picture[r * len(INTERPOLATION):(r + 1) * len(INTERPOLATION)] for r in range(shown * 2)]
     labels = [f"{s.prompts[i].removeprefix('a ')}\n{name}" for i in range(shown) for name in paths]
-    figs = [figures.line_panels(ctx.figure_path("fig22.png"), [
+    figs = [figures.line_panels(ctx.figure_path("fig22.png", CAPTIONS["fig22.png"]), [
                 Panel("adherence along the path", "interpolation t (slerp)", "adherence (primary judge)",
                       [Curve(name, INTERPOLATION, share[name]) for name in paths])],
                 f"Fig. 22: slerp between two Gaussian noises, sampled as is or refined ({k} pairs, unguided)"),
-            figures.picture_grid(ctx.figure_path("fig22-images.png"), grid, labels,
+            figures.picture_grid(ctx.figure_path("fig22-images.png", CAPTIONS["fig22-images.png"]), grid, labels,
                                  [f"t = {t:.2f}" for t in INTERPOLATION],
                                  "Fig. 22: images along the interpolation (each pair: the same prompt)")]
     return ItemResult(

@@ -20,12 +20,28 @@ from noiserefine.report.format import adherence, diff, fd
 SCALES_REFINER = "shapes16-refiner-scales"
 """The shipped scale-conditioned refiner's folder (Fig. 24), once it is shipped."""
 
+CAPTIONS = {
+    "tab2.png": ("Left: adherence under the primary and the held-out judge, one standard error as bars; right: "
+                 "Frechet distance of judge features to 2,000 real renders (lower is better)."),
+    "tab7.png": ("Time per image (wall and process CPU) and model evaluations per image of the rows of Tab. 2, from "
+                 "one run timed in interleaved rounds."),
+    "tab5.png": ("Adherence (primary judge, one SE) against the number of sampler steps, one panel per sampler; the "
+                 "teacher samples Gaussian noise with the refiner's teacher guidance."),
+    "fig28.png": ("Rows: sampler and noise; columns: step count and image. The same two prompts and seeds throughout."),
+    "fig24.png": ("The conditioned refiner given scale w (unguided sampling) against its teacher sampled at w, with "
+                  "unguided Gaussian sampling as the floor."),
+    "tab6.png": ("Gaussian and refined noise, both sampled with guidance. Left: adherence under the primary and the "
+                 "held-out judge, one standard error as bars; right: Frechet distance to 2,000 real renders (lower is "
+                 "better)."),
+}
+"""The caption under each figure on the page."""
+
 
 def _main_rows(ctx: ReportContext) -> dict[str, dict[str, Any]]:
     """One timed bench run shared by Tab. 2, 6 and 7: unguided Gaussian, the shipped refiner's
     teacher, refined noise unguided and under the teacher's guidance (n images each), and both
     noises under CFG 2 (m images)."""
-    n, m = ctx.n(1000, 16), ctx.n(300, 8)
+    n, m = ctx.n(1000, 12), ctx.n(300, 6)
     guided = measure.teacher().row().partition("@")[2]
     names = {"gaussian": "gaussian", "teacher": f"gaussian@{guided}", "refined": "refined",
              "refined_teacher": f"refined@{guided}", "gaussian_cfg2": f"gaussian@cfg2+n{m}",
@@ -94,7 +110,7 @@ def _bars(ctx: ReportContext, name: str, rows: list[tuple[str, dict[str, Any]]],
     x = list(range(len(rows)))
     ticks = [(i, label) for i, (label, _) in enumerate(rows)]
     recs = [rec for _, rec in rows]
-    return figures.line_panels(ctx.figure_path(name), [
+    return figures.line_panels(ctx.figure_path(name, CAPTIONS[name]), [
         Panel("prompt adherence (± 1 SE)", "", "adherence", [
             Curve("primary judge", x, [r["adherence"] for r in recs], [r["adherence_se"] for r in recs], "o"),
             Curve("held-out judge", x, [r["heldout_adherence"] for r in recs],
@@ -165,7 +181,7 @@ def tab7(ctx: ReportContext) -> ItemResult:
     over_teacher = r["cpu_sec_per_image"] / t["cpu_sec_per_image"]
     agrees = over_gaussian <= 1.25 and over_teacher <= 0.7
     x = [0, 1, 2]
-    fig = figures.line_panels(ctx.figure_path("tab7.png"), [
+    fig = figures.line_panels(ctx.figure_path("tab7.png", CAPTIONS["tab7.png"]), [
         Panel("time per image", "", "ms per image", [
             Curve("wall", x, [rec["sec_per_image"] * 1e3 for rec in (g, r, t)], style="o"),
             Curve("process CPU", x, [rec["cpu_sec_per_image"] * 1e3 for rec in (g, r, t)], style="s")],
@@ -197,7 +213,7 @@ SAMPLERS = ("ddim", "euler", "dpm++")
 def _sampler_cells(ctx: ReportContext) -> tuple[list[int], dict[tuple[str, int, str], dict[str, Any]], dict]:
     """Scores of Gaussian (unguided), refined (unguided) and the teacher for every sampler and step
     count, and the first images of each cell (for the picture)."""
-    n = ctx.n(100, 6)
+    n = ctx.n(80, 4)
     steps = [5, 10] if ctx.quick else [5, 10, 20, 50]
     s = measure.setup(ctx, n)
     delta = measure.refinement(ctx, n)
@@ -264,7 +280,7 @@ def _sampler_plot(ctx: ReportContext, steps: list[int], cells: dict) -> str:
         Curve(name, steps, [cells[(sampler, k, name)]["adherence"] for k in steps],
               [cells[(sampler, k, name)]["adherence_se"] for k in steps], style)
         for name, style in (("Gaussian", "o-"), ("refined", "s-"), ("teacher", "^--"))]) for sampler in SAMPLERS]
-    return figures.line_panels(ctx.figure_path("tab5.png"), panels,
+    return figures.line_panels(ctx.figure_path("tab5.png", CAPTIONS["tab5.png"]), panels,
                                "Tab. 5 / Fig. 28: adherence against sampler steps (Gaussian and refined unguided)")
 
 
@@ -275,9 +291,16 @@ def _sampler_picture(ctx: ReportContext, steps: list[int], pictures: dict) -> st
             rows.append([pictures[(sampler, k, name)][i] for k in steps for i in range(2)])
             labels.append(f"{sampler}\n{name}")
     cols = [f"{k} steps\nimage {i + 1}" for k in steps for i in range(2)]
-    return figures.picture_grid(ctx.figure_path("fig28.png"), rows, labels, cols,
+    return figures.picture_grid(ctx.figure_path("fig28.png", CAPTIONS["fig28.png"]), rows, labels, cols,
                                 "Fig. 28: the first two prompts and seeds of the split, by sampler and step count",
                                 "Gaussian and refined: unguided; teacher: the refiner's teacher guidance.")
+
+
+def _correlation(a: list[float], b: list[float]) -> float:
+    """Pearson correlation of two curves; nan when either is flat or has fewer than three points."""
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 # -- the scale-conditioned refiner -----------------------------------------------------------------
@@ -293,7 +316,7 @@ def fig24(ctx: ReportContext) -> ItemResult:
             verdict="not applicable",
             why="Nothing to measure until the scale-conditioned refiner is shipped; this item measures it then.")
     teacher = measure.teacher(folder)
-    n = ctx.n(200, 8)
+    n = ctx.n(200, 6)
     rows = ["gaussian"] + [r for w in teacher.scales for r in (f"refined@w{w:g}", teacher.row(w))]
     records = measure.bench_rows(ctx, f"bench-scales-n{n}", rows, n, weights={"refined": folder})
     base = records[0]
@@ -303,11 +326,10 @@ def fig24(ctx: ReportContext) -> ItemResult:
               "teacher adherence": adherence(t), "refined held-out": adherence(r, "heldout"),
               "teacher held-out": adherence(t, "heldout"), "FD refined": fd(r), "FD teacher": fd(t)}
              for w, r, t in zip(scales, refined, guided)]
-    follows = float(np.corrcoef([r["adherence"] for r in refined], [t["adherence"] for t in guided])[0, 1]) \
-        if len(scales) > 2 else float("nan")
+    follows = _correlation([r["adherence"] for r in refined], [t["adherence"] for t in guided])
     above = all(r["adherence"] > base["adherence"] for r in refined)
     agrees = above and follows > 0
-    fig = figures.line_panels(ctx.figure_path("fig24.png"), [
+    fig = figures.line_panels(ctx.figure_path("fig24.png", CAPTIONS["fig24.png"]), [
         Panel("adherence against teacher scale", f"teacher {teacher.scale_field} scale", "adherence (± 1 SE)", [
             Curve("refined (unguided)", scales, [r["adherence"] for r in refined],
                   [r["adherence_se"] for r in refined]),
@@ -316,7 +338,7 @@ def fig24(ctx: ReportContext) -> ItemResult:
             Curve("Gaussian unguided", scales, [base["adherence"]] * len(scales), style=":")]),
         Panel("FD against teacher scale", f"teacher {teacher.scale_field} scale", "FD (primary judge)", [
             Curve("refined (unguided)", scales, [r["fd"] for r in refined]),
-            Curve("teacher (Gaussian, guided)", scales, [t["fd"] for t in guided], "s--"),
+            Curve("teacher (Gaussian, guided)", scales, [t["fd"] for t in guided], style="s--"),
             Curve("Gaussian unguided", scales, [base["fd"]] * len(scales), style=":")]),
     ], "Fig. 24: scale-conditioned refiner vs its teacher at each scale")
     listed = {name: ", ".join(f"{rec['adherence']:.3f}" for rec in recs) for name, recs in (("refined", refined),
@@ -324,7 +346,7 @@ def fig24(ctx: ReportContext) -> ItemResult:
     return ItemResult(
         ours=(f"At teacher scales {', '.join(f'{w:g}' for w in scales)} the conditioned refiner's adherence is "
               f"{listed['refined']} (teacher {listed['teacher']}, unguided Gaussian {base['adherence']:.3f}); "
-              f"correlation of the two curves {follows:.2f}; n = {n}."),
+              f"correlation of the two curves {follows:.2f} (nan: a flat curve); n = {n}."),
         verdict="agrees" if agrees else "differs",
         why=("The refiner beats unguided sampling at every scale and its adherence follows the teacher's across scales "
              "(positive correlation), the control the paper shows." if agrees else

@@ -69,13 +69,15 @@ def item(key: str, title: str, paper: str) -> Callable[[Callable[["ReportContext
 class ReportContext:
     """What every item gets: the output folder, the size (`quick` = small n for tests), the bench
     split the figures come from ("test": no choice was made on it) and a cache for reuse on re-run.
-    `computed` and `reused` name the cache entries this context computed and read back, in order."""
+    `computed` and `reused` name the cache entries this context computed and read back, in order;
+    `captions` holds the caption given to each figure (`figure_path`)."""
 
     out: Path
     quick: bool = False
     split: str = "test"
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    captions: dict[str, str] = field(default_factory=dict)
 
     @property
     def cache_dir(self) -> Path:
@@ -87,8 +89,11 @@ class ReportContext:
         """The image count of an item: `full` in a full run, `quick` under --quick."""
         return quick if self.quick else full
 
-    def figure_path(self, name: str) -> Path:
-        """Where an item writes its PNG `name` (a plain file name, returned in ItemResult.figures)."""
+    def figure_path(self, name: str, caption: str = "") -> Path:
+        """Where an item writes its PNG `name` (a plain file name, returned in ItemResult.figures);
+        `caption` is shown under it on the page."""
+        if caption:
+            self.captions[name] = caption
         return self.out / name
 
     def cached_json(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

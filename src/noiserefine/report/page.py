@@ -50,9 +50,10 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _figure(item: dict[str, Any], name: str, k: int) -> str:
-    caption = f"{item['title'].split(':')[0]}, figure {k + 1}: {name}"
-    return (f'<figure><img src="{escape(name)}" alt="{escape(caption)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
+    label = f"{item['title'].split(':')[0]}, figure {k + 1}"
+    caption = f"{label}. {item.get('captions', {}).get(name, '')}".rstrip()
+    return (f'<figure><img src="{escape(name)}" alt="{escape(label)}">'
+            f'<figcaption>{escape(caption)} <a href="{escape(name)}">{escape(name)}</a></figcaption></figure>')
 
 
 def _section(item: dict[str, Any]) -> str:

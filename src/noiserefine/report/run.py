@@ -98,6 +98,7 @@ def _run_item(ctx: ReportContext, spec: ItemSpec, k: int, total: int) -> dict[st
     print(f"      {result.verdict} ({seconds:.1f} s; {len(computed)} result(s) computed)", file=sys.stderr, flush=True)
     return {"key": spec.key, "title": spec.title, "paper": spec.paper, "ours": result.ours,
             "verdict": result.verdict, "why": result.why, "table": result.table, "figures": result.figures,
+            "captions": {name: ctx.captions[name] for name in result.figures if name in ctx.captions},
             "data": result.data, "seconds": round(seconds, 2), "computed": computed, "reused": reused}
 
 
