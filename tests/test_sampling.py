@@ -142,7 +142,16 @@ def test_scheduler_names_and_seed_ranges():
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++"])
-def test_every_scheduler_starts_at_T(name):
-    sched = make_scheduler(name, SCHED)
-    sched.set_timesteps(10)
-    assert int(sched.timesteps[0]) == 999
+def test_schedulers_follow_the_models_spacing(name):
+    """Timestep spacing and offset are the model's (as diffusers' `from_config` of the pipeline's
+    scheduler config gives them), unless `spacing` names one; trailing starts every sampler at T."""
+    def first_steps(config, spacing=None):
+        sched = make_scheduler(name, config, spacing)
+        sched.set_timesteps(10)
+        return [round(float(t)) for t in sched.timesteps[:2]]
+
+    trailing = {**SCHED, "timestep_spacing": "trailing"}
+    leading = {**SCHED, "timestep_spacing": "leading", "steps_offset": 1}  # SD 2.1's
+    assert first_steps(trailing) == first_steps(SCHED, "trailing") == [999, 899]
+    assert first_steps(leading) == {"ddim": [901, 801], "euler": [901, 801], "dpm++": [901, 811]}[name]  # diffusers' rules
+    assert first_steps(leading, "trailing") == [999, 899]

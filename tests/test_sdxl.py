@@ -130,7 +130,7 @@ def test_targets_train_two_steps_and_refined_sample(tmp_path):
     spec = TargetSpec(PROMPTS, [0, 1, 2, 3], Teacher(Guidance(cfg=7.0, pag=3.0), steps=2), shard_size=2)
     generate_targets(backbone, spec, tmp_path / "targets", batch_size=4, progress=False)
     data = load_targets(tmp_path / "targets")
-    assert data.x_0.shape == (4, *backbone.latent_shape) and data.prompts[:2] == PROMPTS
+    assert data.x_0[:].shape == (4, *backbone.latent_shape) and data.prompts[:2] == PROMPTS
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, msd_steps=2, rank=4, checkpoint_every=10,
                       gradient_checkpointing=True)  # each family supports it
     path = train_refiner(backbone, tmp_path / "targets", tmp_path / "run", cfg, progress=False)

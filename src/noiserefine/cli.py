@@ -80,13 +80,14 @@ def _configure_logging(level: int) -> None:
     logger.setLevel(level)
 
 
-def _read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise NoiseRefineError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise NoiseRefineError(f"prompt file {path} has no prompts")
-    return prompts
+def _read_prompts(path: Path, column: str | None = None) -> list[str]:
+    from noiserefine.prompt_files import read_prompts
+
+    return read_prompts(path, column)
+
+
+PROMPT_FILE_HELP = "one prompt per line, or a .csv / .parquet dataset file (see --prompt-column)"
+PROMPT_COLUMN_HELP = "the prompt column of a .csv / .parquet --prompt-file (e.g. caption); a file of one column needs none"
 
 
 def _scorer_model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,8 +182,10 @@ def _with_preset(ctx: click.Context, command: str) -> dict[str, Any]:
 
 
 def _prompts_for(params: dict[str, Any], preset: str | None) -> list[str]:
-    if params.get("prompt_file") is not None:
-        return _read_prompts(params["prompt_file"])
+    """The prompts of --prompt-file / --prompt-column (removed from `params`), else the preset's classes."""
+    path, column = params.pop("prompt_file"), params.pop("prompt_column")
+    if path is not None:
+        return _read_prompts(path, column)
     from noiserefine.presets import get_preset
 
     if preset and get_preset(preset).class_prompts:
@@ -272,7 +275,8 @@ def _pop_method_options(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
+@click.option("--prompt-file", type=PATH, default=None, help=PROMPT_FILE_HELP)
+@click.option("--prompt-column", default=None, help=PROMPT_COLUMN_HELP)
 @click.option("--seeds", required=True, help="seed range A-B (inclusive) or list A,B,C")
 @_method_options
 @click.option("--out", type=PATH, required=True, help="output folder (its parent must exist); a folder "
@@ -291,7 +295,6 @@ def sample(ctx: click.Context, **_: Any) -> None:
 
     params = _with_preset(ctx, "sample")
     prompts = _prompts_for(params, ctx.params.get("preset"))
-    params.pop("prompt_file")
     seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
     method_options = _pop_method_options(params)
     params["scorer_models"] = _pop_scorer_models(params)
@@ -312,8 +315,10 @@ def eval_cmd(folder: Path) -> None:
 
 # -- NoiseRefine ------------------------------------------------------------------------------
 @main.command()
-@click.option("--prompt-file", type=PATH, default=None, help="one prompt per line")
-@click.option("--seeds", required=True, help="one target per seed; prompts are taken in turn")
+@click.option("--prompt-file", type=PATH, default=None, help=PROMPT_FILE_HELP)
+@click.option("--prompt-column", default=None, help=PROMPT_COLUMN_HELP)
+@click.option("--seeds", default=None, help="one target per seed, prompts taken in turn: range A-B (inclusive) "
+              "or list A,B,C (default: the --preset's)")
 @_guidance_options(teacher=True)
 @click.option("--steps", default=20, help="teacher sampler steps N'")
 @click.option("--scheduler", default="ddim")
@@ -324,6 +329,8 @@ def eval_cmd(folder: Path) -> None:
 @click.option("--batch-size", default=64)
 @click.option("--out", type=PATH, required=True, help="target folder (a killed run resumes here)")
 @_overwrite_option("the targets instead of resuming them")
+@click.option("--dry-run", is_flag=True, help="print the plan (targets, model evaluations, disk, estimated "
+              "hours) and make nothing")
 @_preset_options
 @_friendly_errors
 def targets(ctx: click.Context, **_: Any) -> None:
@@ -335,14 +342,20 @@ def targets(ctx: click.Context, **_: Any) -> None:
     Example: noiserefine targets --prompt-file p.txt --seeds 0-2047 --auto 3 --out runs/targets
     """
     from noiserefine.api import make_targets
+    from noiserefine.plan import plan_targets
     from noiserefine.sampling import seeds_from_range
 
     params = _with_preset(ctx, "targets")
     prompts = _prompts_for(params, ctx.params.get("preset"))
-    params.pop("prompt_file")
-    seeds, out = seeds_from_range(params.pop("seeds")), params.pop("out")
-    click.echo(make_targets(prompts, seeds, _pop_teacher(params), out, scorer_models=_pop_scorer_models(params),
-                            **params))
+    if params["seeds"] is None:
+        raise NoiseRefineError("--seeds is required (or a --preset that sets them)")
+    seeds, out, teacher = seeds_from_range(params.pop("seeds")), params.pop("out"), _pop_teacher(params)
+    scorer_models = _pop_scorer_models(params)
+    if params.pop("dry_run"):
+        params.pop("overwrite")  # a plan writes nothing
+        click.echo(plan_targets(prompts, seeds, teacher, **params).format(), nl=False)
+    else:
+        click.echo(make_targets(prompts, seeds, teacher, out, scorer_models=scorer_models, **params))
 
 
 def _trackers() -> list[str]:
@@ -392,6 +405,8 @@ def _train_default(name: str) -> Any:
 @click.option("--model", default=None)
 @click.option("--out", type=PATH, required=True, help="run folder (a killed run resumes here)")
 @_overwrite_option("the run (checkpoint and refiner) instead of resuming it")
+@click.option("--dry-run", is_flag=True, help="print the plan (samples, model evaluations, disk, estimated "
+              "hours) and train nothing")
 @click.option("--report-to", type=click.Choice(_trackers()), default=None,
               help="experiment tracker for loss and learning rate per step (under OUT/logs; needs its package)")
 @click.option("--validation-prompts", default=None,
@@ -406,17 +421,21 @@ def train(ctx: click.Context, **_: Any) -> None:
     Example: noiserefine train --targets runs/targets --steps 400 --out runs/refiner
     """
     from noiserefine.backbones.loading import load_backbone
+    from noiserefine.plan import plan_train
     from noiserefine.train import TrainConfig, train_refiner
     from noiserefine.train_monitor import Monitoring
 
     params = _with_preset(ctx, "train")
     targets_dirs, out, overwrite = list(params.pop("targets_dir")), params.pop("out"), params.pop("overwrite")
-    model, dtype = params.pop("model"), params.pop("dtype")
+    model, dtype, dry_run = params.pop("model"), params.pop("dtype"), params.pop("dry_run")
     monitoring = Monitoring(params.pop("report_to"), _validation_prompts(params.pop("validation_prompts")),
                             params.pop("validation_every"))
     cfg = TrainConfig(**params)  # bad settings fail before the model loads
-    click.echo(train_refiner(load_backbone(model, dtype=dtype), targets_dirs, out, cfg, overwrite=overwrite,
-                             monitoring=monitoring))
+    if dry_run:
+        click.echo(plan_train(cfg, model=model, dtype=dtype).format(), nl=False)
+    else:
+        click.echo(train_refiner(load_backbone(model, dtype=dtype), targets_dirs, out, cfg, overwrite=overwrite,
+                                 monitoring=monitoring))
 
 
 # -- Golden Noise / NPNet ---------------------------------------------------------------------
@@ -447,7 +466,8 @@ def golden() -> None:
 
 
 @golden.command("pairs")
-@click.option("--prompt-file", type=PATH, required=True, help="one prompt per line; pair i takes prompt i mod P")
+@click.option("--prompt-file", type=PATH, required=True, help=PROMPT_FILE_HELP + "; pair i takes prompt i mod P")
+@click.option("--prompt-column", default=None, help=PROMPT_COLUMN_HELP)
 @click.option("--seeds", required=True, help="one pair per seed: range A-B (inclusive) or list A,B,C")
 @_dataclass_options("noiserefine.npnet_pairs:RedenoiseSpec", {
     "high_cfg": "CFG scale w_l of the DDIM step from x_T",
@@ -464,8 +484,8 @@ def golden() -> None:
 @click.option("--out", type=PATH, required=True, help="pair folder (a killed run resumes here)")
 @_overwrite_option("the pairs instead of resuming them")
 @_friendly_errors
-def golden_pairs(prompt_file: Path, seeds: str, score: str | None, model: str | None, dtype: str | None,
-                 batch_size: int, out: Path, overwrite: bool, **options: Any) -> None:
+def golden_pairs(prompt_file: Path, prompt_column: str | None, seeds: str, score: str | None, model: str | None,
+                 dtype: str | None, batch_size: int, out: Path, overwrite: bool, **options: Any) -> None:
     """Collect NPNet's noise pairs (x_T, x_T') by re-denoise sampling, each scored on the images
     of both noises (resumable; under `accelerate launch`, processes write disjoint shards).
 
@@ -482,7 +502,7 @@ def golden_pairs(prompt_file: Path, seeds: str, score: str | None, model: str | 
 
     OutputFolder(out, RESULTS, overwrite=overwrite, resume=True).check()  # before the model loads
     models = _pop_scorer_models(options)
-    prompts, seed_list = _read_prompts(prompt_file), seeds_from_range(seeds)
+    prompts, seed_list = _read_prompts(prompt_file, prompt_column), seeds_from_range(seeds)
     backbone = load_backbone(model, dtype=dtype)
     backbone.encode_prompts(prompts)  # an unknown word fails before any work
     score = score or getattr(backbone, "default_scorer", None)
@@ -548,7 +568,9 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model", default=None, help="base model: shapes16 (default), weights file, pipeline folder or hub id")
 @click.option("--guide", default=None, help="guide model of the autoA rows (default: the shipped one of shapes16)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="real-model dtype")
-@click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts)")
+@click.option("--prompt-file", type=PATH, default=None, help="prompt pool (default: the 48 shapes16 prompts): "
+              + PROMPT_FILE_HELP)
+@click.option("--prompt-column", default=None, help=PROMPT_COLUMN_HELP)
 @_scorer_model_options
 @click.option("--reference", type=PATH, default=None,
               help="folder of reference images: FD of each row to them (real models)")
@@ -557,34 +579,36 @@ def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--scorer", default=None, help=_scorer_help("scorer of the search-method rows"))
 @click.option("--split", type=click.Choice(["dev", "test"]), default="dev",
               help="prompt and seed draw: tune on dev; report on test, which no choice may touch")
+@click.option("--scheduler", default="ddim", help="sampler of the rows that name none: ddim | euler | dpm++ "
+              "(on the model's own timestep spacing; a row names its own as refined@euler, gaussian@cfg2+dpmpp)")
 @click.option("--out", type=PATH, required=True)
 @_overwrite_option("a bench")
 @_timing_options
 @_friendly_errors
 def bench(n: int, batch_size: int, rows: str, refiner: Path | None, npnet: Path | None, force: bool, model: str | None,
-          guide: str | None, dtype: str | None, prompt_file: Path | None, reference: Path | None,
-          fd_model: Path | None, scorer: str | None, split: str, out: Path, overwrite: bool,
-          threads: int, rounds: int, **models: str | None) -> None:
+          guide: str | None, dtype: str | None, prompt_file: Path | None, prompt_column: str | None,
+          reference: Path | None, fd_model: Path | None, scorer: str | None, split: str, scheduler: str, out: Path,
+          overwrite: bool, threads: int, rounds: int, **models: str | None) -> None:
     """All methods, one process, same prompts and seeds: bench.md + bench.json.
 
     On shapes16 rows are scored by the judges; on a real model (--model) they carry cost figures,
     the mean of each scorer whose model is given (--clip-model: CLIP score, --pickscore-model,
     --hpsv2-model, --imagereward-model, --aesthetic-model) and, with --reference, FD to a folder of
     images; each row's images and a labelled grid are saved under OUT/images and OUT/grids. A row is `method[@opt+opt...]` with guidance options
-    cfgW pagS autoA startF stopF, stepsN, nN (first N images only) and the method's own
-    (refined: strengthS, wW for a scale-conditioned refiner; best-of-n: budgetB).
+    cfgW pagS autoA startF stopF, stepsN, nN (first N images only), a sampler ddim | euler | dpmpp
+    and the method's own (refined: strengthS, wW for a scale-conditioned refiner; best-of-n: budgetB).
 
     Example: noiserefine bench --n 1000 --split test --out runs/bench
     """
     from noiserefine.evaluation.bench import run_bench
     from noiserefine.evaluation.real_suite import RealEvaluation
 
-    prompts = _read_prompts(prompt_file) if prompt_file else None
+    prompts = _read_prompts(prompt_file, prompt_column) if prompt_file else None
     evaluation = RealEvaluation(_pop_scorer_models(models), reference, fd_model)
     click.echo(run_bench(out, n=n, batch_size=batch_size, rows=rows, refiner=refiner, force=force, model=model,
                          dtype=dtype, prompts=prompts, evaluation=evaluation, guide=guide,
                          scorer=scorer, split=split, overwrite=overwrite, threads=threads, rounds=rounds,
-                         npnet=npnet).read_text())
+                         npnet=npnet, scheduler=scheduler).read_text())
 
 
 @main.command()

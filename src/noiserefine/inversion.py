@@ -33,7 +33,8 @@ def to_eps_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, predictio
 
 @torch.no_grad()
 def ddim_invert(backbone: Backbone, x_0: torch.Tensor, cond: Cond, *, steps: int = 20) -> torch.Tensor:
-    """Invert unguided along the trailing DDIM grid of `steps`, from the clean end upwards.
+    """Invert unguided along the DDIM grid of `steps` that the sampler visits (the model's own
+    timestep spacing, `sampling.make_scheduler`), from the clean end upwards.
 
     The model is queried at the target timestep of each step (the usual DDIM-inversion
     approximation). Returns unit-variance-scale noise.

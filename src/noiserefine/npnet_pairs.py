@@ -49,7 +49,7 @@ def redenoise(backbone: Backbone, x_T: torch.Tensor, cond: Cond, uncond: Cond, *
     check_noise(x_T, backbone.latent_shape)
     if grid_steps < 2:
         raise NoiseRefineError(f"re-denoise sampling needs a grid of >= 2 steps, got {grid_steps}")
-    sched = make_scheduler("ddim", backbone.scheduler_config)
+    sched = make_scheduler("ddim", backbone.scheduler_config, spacing="trailing")  # its first step starts at T
     sched.set_timesteps(grid_steps, device=x_T.device)
     t_T, t_1 = sched.timesteps[0], sched.timesteps[1]
     x = x_T * sched.init_noise_sigma

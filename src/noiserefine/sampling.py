@@ -34,9 +34,12 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
-    """A diffusers scheduler of kind `name` on the backbone's noise schedule, trailing spacing
-    (so the first step starts at t = T). Flow-matching models (SiT) take their own Euler."""
+def make_scheduler(name: str, base_config: dict[str, Any], spacing: str | None = None) -> SchedulerMixin:
+    """A diffusers scheduler of kind `name` on the backbone's noise schedule, built as diffusers
+    builds one from a pipeline's config (`cls.from_config(pipe.scheduler.config)`): timestep
+    spacing, steps offset and prediction type follow the model's own scheduler configuration
+    (SD 2.1: "leading" with offset 1; shapes16: "trailing"), unless `spacing` names one. DDIM never
+    clips x_0 and ends at the last grid step's alpha. Flow-matching models (SiT) take their own Euler."""
     if base_config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
         if name != "euler":
             raise NoiseRefineError(f"a flow-matching model samples with 'euler', not {name!r}")
@@ -44,7 +47,18 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     if name not in SCHEDULERS:
         raise NoiseRefineError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config(dict(base_config), timestep_spacing="trailing", **overrides)
+    return cls.from_config(dict(base_config), **overrides, **({"timestep_spacing": spacing} if spacing else {}))
+
+
+def sampler_record(name: str, base_config: dict[str, Any], steps: int) -> dict[str, Any]:
+    """What a target manifest and a refiner card record of a sampler: the scheduler, the settings
+    that place its steps, and the `steps` timesteps it visits (the trajectory a refiner is trained on)."""
+    scheduler = make_scheduler(name, base_config)
+    scheduler.set_timesteps(steps)
+    config = scheduler.config
+    return {"scheduler": name, "class": type(scheduler).__name__, "timestep_spacing": config.get("timestep_spacing"),
+            "steps_offset": config.get("steps_offset", 0), "prediction_type": config.get("prediction_type"),
+            "timesteps": [int(t) if float(t).is_integer() else round(float(t), 4) for t in scheduler.timesteps]}
 
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...],

@@ -8,6 +8,10 @@ batch, so a killed run loses at most one batch: a resumed run keeps finished sha
 partial one where it stopped (the finished shard equals the one an uninterrupted run writes) and
 generates the rest. The processes of one multi-process run (accelerate) take disjoint shards
 (`process_shards`), so no two processes write the same file.
+
+Reading a set back never needs it in memory: `load(names)` reads only the (small) tensors named,
+and `rows(name)` is a view whose indexing reads just the rows asked for from the shard files, so
+a training process holds only the items of its current batch whatever the set's size.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from noiserefine.errors import NoiseRefineError
 from noiserefine.io import ensure_out_dir, load_tensors, read_json, save_tensors, write_json
@@ -138,12 +144,82 @@ class ShardStore:
                                    "delete it to regenerate the shard")
         return part
 
-    def load(self) -> Batch:
-        """Every finished shard, concatenated in item order (partial shards are not read)."""
-        shards = [load_tensors(self.path(k)) for k in range(self.num_shards) if self.done(k)]
+    def finished(self) -> list[int]:
+        """The finished shards (partial shards are never read); none is an error."""
+        shards = [k for k in range(self.num_shards) if self.done(k)]
         if not shards:
             raise NoiseRefineError(f"{self.folder} has no finished shard of {self.items} yet")
-        return _cat(shards)
+        return shards
+
+    def load(self, names: Sequence[str] | None = None) -> Batch:
+        """Tensors `names` (default: all) of every finished shard, concatenated in item order."""
+        if names is None:
+            return _cat([load_tensors(self.path(k)) for k in self.finished()])
+        return _cat([{name: _read(self.path(k), name, slice(None)) for name in names} for k in self.finished()])
+
+    def rows(self, name: str) -> "ShardRows":
+        """A view of tensor `name` over the items of every finished shard, in item order, read on demand."""
+        shards = self.finished()
+        sizes = [len(self.shard_range(k)) for k in shards]
+        return ShardRows(name, tuple(self.path(k) for k in shards), np.repeat(np.arange(len(shards)), sizes),
+                         np.concatenate([np.arange(n) for n in sizes]))
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Item j is row `row[j]` of tensor `name` in file `files[file_of[j]]`. Indexing (an int, a
+    slice, a list or array of indices) reads only those rows from the files (safetensors slices of
+    memory-mapped files, unmapped again after each read), so the view costs a few bytes per item."""
+
+    name: str
+    files: tuple[Path, ...]
+    file_of: np.ndarray
+    row: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        picks = np.arange(len(self))[index]
+        if np.ndim(picks) == 0:
+            return self[[int(picks)]][0]
+        if len(picks) == 0:
+            return _read(self.files[0], self.name, slice(0, 0))
+        parts: list[torch.Tensor | None] = [None] * len(picks)
+        for f in np.unique(self.file_of[picks]):
+            where = np.flatnonzero(self.file_of[picks] == f)
+            rows = _read(self.files[f], self.name, [int(self.row[picks[j]]) for j in where])
+            for j, r in zip(where, rows):
+                parts[j] = r
+        return torch.stack(parts)
+
+    def subset(self, index: np.ndarray) -> "ShardRows":
+        """The items `index` of this view, in that order (nothing is read)."""
+        return ShardRows(self.name, self.files, self.file_of[index], self.row[index])
+
+    @classmethod
+    def cat(cls, views: Sequence["ShardRows"]) -> "ShardRows":
+        """Several views of one tensor name, one after the other (e.g. several folders)."""
+        offsets = np.cumsum([0] + [len(v.files) for v in views[:-1]])
+        return cls(views[0].name, tuple(f for v in views for f in v.files),
+                   np.concatenate([v.file_of + o for v, o in zip(views, offsets)]), np.concatenate([v.row for v in views]))
+
+
+def _read(path: Path, name: str, rows: slice | list[int]) -> torch.Tensor:
+    """Rows `rows` (a slice, or a list of row numbers) of tensor `name` of a safetensors file,
+    without reading the rest of the file; a missing or corrupt file is a NoiseRefineError."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise NoiseRefineError(f"{path} holds no tensor {name!r}")
+            view = handle.get_slice(name)
+            if isinstance(rows, slice):
+                return view[rows]
+            return torch.cat([view[r: r + 1] for r in rows])
+    except (SafetensorError, OSError) as err:
+        raise NoiseRefineError(f"shard {path} is missing, truncated or corrupt ({err})") from None
 
 
 def _cat(parts: Sequence[Batch]) -> Batch:

@@ -3,14 +3,17 @@
 Each seed gives one target: x_T from the seed (one generator per seed), a prompt taken in turn
 from the prompt list, and x_0^Guide sampled by the teacher (any `Guidance`: CFG, PAG, autoguidance, an interval) in N' steps.
 Targets are written to a shard store (`noiserefine.shards`: safetensors shards of `shard_size`
-samples plus `manifest.json`). A killed run resumes: finished shards are kept, a partly written
-one continues from its last finished batch, the rest are generated. Every target
+samples plus `manifest.json`, which also records the teacher's sampler: scheduler, timestep
+spacing, offset, prediction type and timesteps, the model's own by default). A killed run resumes:
+finished shards are kept, a partly written one continues from its last finished batch, the rest
+are generated. Training reads the targets shard by shard (`load_targets`). Every target
 carries a score (pluggable; shapes16 uses the judge's probability of the prompt) so training can
 keep the best fraction, as the paper keeps the top-N by aesthetic score.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -25,9 +28,13 @@ from noiserefine.backbones.base import Backbone, same_model
 from noiserefine.errors import NoiseRefineError
 from noiserefine.generation import SamplingOptions, sample_from_noise
 from noiserefine.guidance import Teacher
-from noiserefine.sampling import noise_for_seeds
+from noiserefine.sampling import noise_for_seeds, sampler_record
 from noiserefine.scoring import Scorer
-from noiserefine.shards import ShardStore, read_manifest
+from noiserefine.shards import ShardRows, ShardStore, read_manifest
+
+LEGACY_SAMPLER = {"timestep_spacing": "trailing"}
+"""What is known of the sampler of a folder made before manifests recorded it: it always used
+trailing spacing."""
 
 
 @dataclass
@@ -73,8 +80,9 @@ def generate_targets(backbone: Backbone, spec: TargetSpec, out: Path, scorer: Sc
     """Generate (or resume) a target folder. `shard_ids` restricts this process to some shards
     (multi-process generation writes disjoint shards into one folder)."""
     store = _store(out, spec)
-    store.claim({"spec": spec.to_record(), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape)},
-                _read_manifest, same_model)
+    sampler = sampler_record(spec.teacher.scheduler, backbone.scheduler_config, spec.teacher.steps)
+    store.claim({"spec": spec.to_record(), "base": backbone.fingerprint(), "latent_shape": list(backbone.latent_shape),
+                 "sampler": sampler}, functools.partial(_read_manifest, legacy_sampler=sampler), same_model)
     todo, total, flushed = store.pending(shard_ids if shard_ids is not None else range(store.num_shards))
     bar = tqdm(total=total, initial=flushed, disable=not progress, desc="targets", unit="img")
     t0 = time.time()
@@ -120,37 +128,42 @@ def _generate_batch(backbone: Backbone, spec: TargetSpec, batch: list[int], scor
 
 @dataclass
 class TargetSet:
-    """Targets loaded for training (the kept fraction only)."""
+    """Targets opened for training (the kept fraction only): prompts, teacher scales and scores in
+    memory, x_T and x_0 as `ShardRows` views that read the rows asked for from the shard files
+    (`data.x_0[idx]` is a tensor), so memory does not grow with the set."""
 
-    x_T: torch.Tensor
-    x_0: torch.Tensor
+    x_T: ShardRows
+    x_0: ShardRows
     prompts: list[str]
     cfg: torch.Tensor
     score: torch.Tensor
     manifest: dict
 
     def __len__(self) -> int:
-        return self.x_T.shape[0]
+        return len(self.prompts)
 
 
 def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> TargetSet:
-    """Load every finished shard of one or more target folders and keep the best `keep_fraction`
-    of all of them by score (ties by order). Several folders must share the base model and the
-    teacher (guidance, steps, scheduler, score), e.g. one made later to add seeds."""
+    """Open every finished shard of one or more target folders and keep the best `keep_fraction`
+    of each teacher scale's targets by score (`best_per_scale`); only scores, scales and indices are
+    read now. Several
+    folders must share the base model and the teacher (guidance, steps, scheduler, sampler, score),
+    e.g. one made later to add seeds."""
     folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
     if not 0 < keep_fraction <= 1:
         raise NoiseRefineError(f"keep fraction must be in (0, 1], got {keep_fraction}")
-    parts = [_load_folder(f) for f in folders]
-    manifest = parts[0][2]
-    for folder, (_, _, other) in zip(folders[1:], parts[1:]):
-        if not same_model(other["base"], manifest["base"]) or _teacher_of(other) != _teacher_of(manifest):
+    parts = [_open_folder(f) for f in folders]
+    manifest = parts[0].manifest
+    for folder, other in zip(folders[1:], parts[1:]):
+        if (not same_model(other.manifest["base"], manifest["base"]) or _teacher_of(other.manifest) != _teacher_of(manifest)
+                or not _same_sampler(other.manifest["sampler"], manifest["sampler"])):
             raise NoiseRefineError(f"{folder} was made by another base model or teacher than {folders[0]}")
-    data = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-    prompts = [prompt for p in parts for prompt in p[1]]
-    order = torch.from_numpy(best_per_scale(data["score"], data["cfg"], keep_fraction))
-    return TargetSet(
-        x_T=data["x_T"][order], x_0=data["x_0"][order], prompts=[prompts[i] for i in order],
-        cfg=data["cfg"][order], score=data["score"][order], manifest=manifest)
+    cfg, score = torch.cat([p.cfg for p in parts]), torch.cat([p.score for p in parts])
+    prompts = [prompt for p in parts for prompt in p.prompts]
+    order = best_per_scale(score, cfg, keep_fraction)
+    rows = {name: ShardRows.cat([p.rows[name] for p in parts]).subset(order) for name in ("x_T", "x_0")}
+    return TargetSet(x_T=rows["x_T"], x_0=rows["x_0"], prompts=[prompts[i] for i in order], cfg=cfg[order],
+                     score=score[order], manifest=manifest)
 
 
 def best_per_scale(score: torch.Tensor, scale: torch.Tensor, keep_fraction: float) -> np.ndarray:
@@ -165,19 +178,43 @@ def best_per_scale(score: torch.Tensor, scale: torch.Tensor, keep_fraction: floa
     return torch.cat(kept).sort().values.numpy()
 
 
-def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+@dataclass
+class _Folder:
+    """One target folder opened: per finished target its prompt, scale and score, and views of its latents."""
+
+    prompts: list[str]
+    cfg: torch.Tensor
+    score: torch.Tensor
+    rows: dict[str, ShardRows]
+    manifest: dict
+
+
+def _open_folder(folder: Path) -> _Folder:
     manifest = _read_manifest(folder)
     spec = TargetSpec.from_record(manifest["spec"])
-    data = _store(folder, spec).load()
-    return data, [spec.pair(int(i))[0] for i in data["index"]], manifest
+    store = _store(folder, spec)
+    small = store.load(["index", "cfg", "score"])
+    return _Folder([spec.pair(int(i))[0] for i in small["index"]], small["cfg"], small["score"],
+                   {name: store.rows(name) for name in ("x_T", "x_0")}, manifest)
 
 
-def _read_manifest(folder: Path) -> dict:
+def _read_manifest(folder: Path, legacy_sampler: dict | None = None) -> dict:
     """A folder's manifest with its spec in today's form (`TargetSpec.from_record`), so folders
-    written before a field existed (e.g. the guidance interval, autoguidance) read as they were made."""
+    written before a field existed (e.g. the guidance interval, autoguidance) read as they were made.
+    A folder from before the sampler was recorded gets `LEGACY_SAMPLER`, or `legacy_sampler` (the
+    sampler of a run resuming it) when that one also spaces its steps "trailing": then they are the same."""
     manifest = read_manifest(folder, "targets")
     manifest["spec"] = TargetSpec.from_record(manifest["spec"]).to_record()
+    if "sampler" not in manifest:
+        same = legacy_sampler is not None and _same_sampler(LEGACY_SAMPLER, legacy_sampler)
+        manifest["sampler"] = legacy_sampler if same else dict(LEGACY_SAMPLER)
     return manifest
+
+
+def _same_sampler(a: dict, b: dict) -> bool:
+    """Whether two sampler records agree on every setting both record (a folder from before the
+    record existed records only its spacing)."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
 
 
 def _teacher_of(manifest: dict) -> tuple:

@@ -8,7 +8,10 @@ Losses (the `loss` option):
 
 Batches are drawn by generators seeded with (seed, step), and each of P processes takes a
 disjoint 1/P of the global batch; so a resumed run equals an uninterrupted one and a 2-process
-run equals a 1-process run up to float reduction order.
+run equals a 1-process run up to float reduction order. Each process reads from the target shards
+only the items of its part of the batch (`targets.load_targets`). The sampler inside the loss
+follows the model's own scheduler configuration (`sampling.make_scheduler`), as the targets'
+teacher did; the refiner's card records both.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from noiserefine.io import OutputFolder
 from noiserefine.errors import NoiseRefineError
 from noiserefine.inversion import ddim_invert
 from noiserefine.methods.refine import DEFAULT_TARGETS, NoiseRefiner, RefinerConfig
-from noiserefine.sampling import denoise, make_scheduler
+from noiserefine.sampling import denoise, make_scheduler, sampler_record
 from noiserefine.targets import TargetSet, load_targets
 from noiserefine.train_monitor import Monitoring, StepReport
 from noiserefine.training_loop import LoopSettings, run_training_loop
@@ -121,10 +124,7 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     spec = data.manifest["spec"]
     teacher = spec["teacher"]
     torch.manual_seed(cfg.seed)
-    defaults = dict(getattr(backbone, "refiner_defaults", {}))  # e.g. DiT's output layer name
-    refiner = NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),
-                                                   target_modules=cfg.target_modules,
-                                                   scale_conditioning=cfg.scale_conditioning, teacher=teacher))
+    refiner = build_refiner(backbone, cfg, teacher)
     if cfg.init_from:
         refiner.load_weights_from(cfg.init_from)
     _trainable_in_fp32(refiner, acc)
@@ -145,11 +145,21 @@ def train_refiner(backbone: Backbone, targets: Path | Sequence[Path], out: Path,
     path = out / "refiner"
     if acc.is_main_process:
         refiner.save_pretrained(path, {"training": asdict(cfg), "targets": _names(targets), "num_targets": len(data),
+                                       "sampler": sampler_record(cfg.scheduler, backbone.scheduler_config, cfg.msd_steps),
+                                       "teacher_sampler": data.manifest["sampler"],
                                        "final_loss_avg20": float(np.mean(run.losses[-20:])),
                                        "train_seconds_this_run": round(run.seconds, 1)})
     acc.wait_for_everyone()
     log.info("wrote refiner %s", path)
     return path
+
+
+def build_refiner(backbone: Backbone, cfg: TrainConfig, teacher: dict) -> NoiseRefiner:
+    """A fresh refiner of `cfg`'s architecture on `backbone`, recording `teacher` (a `Teacher` record)."""
+    defaults = dict(getattr(backbone, "refiner_defaults", {}))  # e.g. DiT's output layer name
+    return NoiseRefiner(backbone, RefinerConfig(**defaults, rank=cfg.rank, alpha=float(cfg.rank),
+                                                target_modules=cfg.target_modules,
+                                                scale_conditioning=cfg.scale_conditioning, teacher=teacher))
 
 
 def _train_step(objective, opt, params, data: TargetSet, inv, cfg: TrainConfig, step: int,

@@ -33,6 +33,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "v_prediction",
+    "timestep_spacing": "trailing",
 }
 # Noise schedules a base can be trained with (`train-base --noise-schedule`): the default cosine one
 # (zero terminal SNR: alpha_bar_T ~ 2e-9) and Stable Diffusion's (alpha_bar_T ~ 0.0047).
@@ -87,7 +88,9 @@ class Shapes16Backbone(DenoiserBackboneMixin):
     def __init__(self, unet: UNet2DConditionModel, prompt_encoder: PromptEncoder,
                  pag_layers: Sequence[str] = PAG_LAYERS, scheduler_config: dict[str, Any] = SCHEDULER_CONFIG) -> None:
         self.denoiser = unet
-        self.scheduler_config = dict(scheduler_config)
+        # Trailing spacing, so the sampler's first step is at t = T (the schedule has zero terminal
+        # SNR); cards written before the spacing was recorded lack it, and were always sampled so.
+        self.scheduler_config = {"timestep_spacing": SCHEDULER_CONFIG["timestep_spacing"], **scheduler_config}
         self.prompt_encoder = prompt_encoder
         self.pag_layers = tuple(pag_layers)
         self._pag = install_pag_processors(unet, self.pag_layers)

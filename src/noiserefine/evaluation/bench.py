@@ -3,8 +3,10 @@ and seeds, with time per image, model evaluations, memory, adherence and FD unde
 
 A row is written `method[@opt+opt...]`, options `cfgW`, `pagS`, `autoA` (autoguidance with the
 backbone's guide model), `startF`/`stopF` (guidance interval), `stepsN`, `nN` (fewer images for an
-expensive row: the first N of the same prompts and seeds), `strengthS`. Examples: `gaussian`,
-`gaussian@cfg5`, `gaussian@cfg2+pag3`, `gaussian@auto2`, `refined@steps5`, `noise-diffusion@n200`.
+expensive row: the first N of the same prompts and seeds), `strengthS`, and a sampler `ddim`,
+`euler` or `dpmpp` (DPM-Solver++; default: the bench's `scheduler`), each on the model's own timestep
+spacing (`sampling.make_scheduler`). Examples: `gaussian`, `gaussian@cfg5`, `gaussian@cfg2+pag3`,
+`gaussian@auto2`, `refined@steps5`, `refined@euler`, `gaussian@cfg2+dpmpp`, `noise-diffusion@n200`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from noiserefine.io import OutputFolder, write_json
 from noiserefine.methods import registry
 from noiserefine.methods.refine import NoiseRefiner
 from noiserefine.methods.registry import MethodContext
-from noiserefine.sampling import as_saved
+from noiserefine.sampling import SCHEDULERS, as_saved, make_scheduler
 from noiserefine.world.shapes16 import ALL_PROMPTS
 
 @dataclass(frozen=True)
@@ -53,38 +55,45 @@ REAL_MODEL_ROWS = "gaussian,gaussian@cfg7.5,gaussian@pag3,gaussian@cfg7.5+pag3" 
 DEFAULT_ROWS = ("gaussian,gaussian@cfg2,refined,refined@steps5,gaussian@steps5,gaussian@cfg1.25+n300,"
                 "gaussian@cfg3+n300,gaussian@cfg2.5+pag1.5+start0.6,gaussian@pag3+n300,gaussian@auto3,"
                 "golden,golden@cfg2+n300,noise-diffusion@n200,best-of-n@n200")
+SCHEDULER_TOKENS = {name.replace("+", "p"): name for name in SCHEDULERS}
+"""Row tokens of the samplers (`+` joins row options, so DPM-Solver++ is `dpmpp`)."""
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One bench row: a noise method and its options, sampled with `guidance` in `steps` steps,
-    on the first `n` images (None: all)."""
+    """One bench row: a noise method and its options, sampled with `guidance` in `steps` steps of
+    `scheduler` (None: the bench's), on the first `n` images (None: all)."""
 
     method: str
     guidance: Guidance = UNGUIDED
     steps: int = 20
     n: int | None = None
     options: tuple[tuple[str, float], ...] = ()
+    scheduler: str | None = None
 
     @property
     def label(self) -> str:
         labels = {o.name: o.label or o.name for o in registry.entry(self.method).options}
         extra = (f", {self.steps} steps" if self.steps != 20 else "") + "".join(
-            f", {labels[k]}={v:g}" for k, v in self.options)
+            f", {labels[k]}={v:g}" for k, v in self.options) + (
+            f", {self.scheduler}" if self.scheduler not in (None, "ddim") else "")
         return f"{self.method} ({self.guidance.name}{extra})"
 
 
 def parse_row(text: str) -> RowSpec:
     """A row `method[@opt+opt...]`: guidance tokens (`Guidance`'s: cfgW, pagS, autoA, startF, stopF),
-    `stepsN`, `nN` and the method's own (`refined@strength0.5`, `refined@w3`)."""
+    `stepsN`, `nN`, a sampler (`SCHEDULER_TOKENS`: ddim, euler, dpmpp) and the method's own
+    (`refined@strength0.5`, `refined@w3`)."""
     method, _, opts = text.strip().partition("@")
     entry = registry.entry(method)
     tokens = {o.token: o for o in entry.options if o.token}
-    guidance, steps, n, options = {}, 20, None, {}
+    guidance, steps, n, options, scheduler = {}, 20, None, {}, None
     for opt in filter(None, opts.split("+")):
         m = re.fullmatch(r"([a-z]+)([0-9.]+)", opt)
         parsed = Guidance.parse_token(opt) if m else None
-        if parsed:
+        if opt in SCHEDULER_TOKENS and scheduler is None:
+            scheduler = SCHEDULER_TOKENS[opt]
+        elif parsed:
             guidance[parsed[0]] = parsed[1]
         elif m and m.group(1) in ("steps", "n") and m.group(2).isdigit():
             steps, n = (int(m.group(2)), n) if m.group(1) == "steps" else (steps, int(m.group(2)))
@@ -93,7 +102,7 @@ def parse_row(text: str) -> RowSpec:
         else:
             raise NoiseRefineError(f"bad bench row option {opt!r} in {text!r}")
     # a bad scale or interval fails while parsing, before any row runs
-    return RowSpec(method, Guidance(**guidance), steps, n, tuple(options.items()))
+    return RowSpec(method, Guidance(**guidance), steps, n, tuple(options.items()), scheduler)
 
 
 @dataclass
@@ -153,7 +162,7 @@ class RowRun:
               rounds: int) -> "RowRun":
         """The row's first n images (all when its spec names none) in `rounds` chunks."""
         n = _row_size(spec, setup)
-        options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
+        options = SamplingOptions(spec.guidance, spec.steps, spec.scheduler, setup.batch_size)
         return cls(backbone, spec, method, setup.prompts[:n], setup.seeds[:n], options,
                    chunk_bounds(n, setup.batch_size, rounds))
 
@@ -165,11 +174,13 @@ class RowRun:
                          replace(self.options, steps=min(self.spec.steps, 2)))
 
     def run_chunk(self, k: int) -> int:
-        """Sample, decode and time chunk k (as saved: 8-bit); returns its number of images."""
+        """Sample, decode (in batches of the batch size) and time chunk k (as saved: 8-bit); returns
+        its number of images."""
         lo, hi = self.chunks[k]
         with self.clock.measure():
             latents = generate_latents(self.backbone, self.prompts[lo:hi], self.seeds[lo:hi], self.method, self.options)
-            self.images.append(as_saved(self.backbone.decode(latents)))
+            for part in latents.split(self.options.batch_size):
+                self.images.append(as_saved(self.backbone.decode(part)))
         return hi - lo
 
     def finish(self, score: Score) -> dict[str, Any]:
@@ -178,6 +189,7 @@ class RowRun:
         spec, n, stats = self.spec, len(self.prompts), getattr(self.method, "stats", {})
         nfe = spec.guidance.nfe(spec.steps) + self.method.extra_nfe
         return {"row": spec.label, "method": spec.method, **spec.guidance.to_record(), "steps": spec.steps,
+                "scheduler": spec.scheduler,
                 **dict(spec.options), "n_images": n, "nfe_per_image": round(float(stats.get("nfe_per_image", nfe)), 2),
                 "sec_per_image": self.clock.wall / n, "cpu_sec_per_image": self.clock.cpu / n,
                 "rounds": self.clock.chunks, "peak_mem_mb": round(self.clock.peak_mb, 1),
@@ -237,7 +249,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
               prompts: Sequence[str] | None = None, evaluation: RealEvaluation = RealEvaluation(), dtype: str | None = None,
               force: bool = False, guide: str | None = None, scorer: str | None = None,
               overwrite: bool = False, split: str = "dev", threads: int = DEFAULT_THREADS,
-              rounds: int = DEFAULT_ROUNDS, npnet: Path | None = None) -> Path:
+              rounds: int = DEFAULT_ROUNDS, npnet: Path | None = None, scheduler: str = "ddim") -> Path:
     """Run the benchmark; writes `out/bench.md` and `out/bench.json` and returns the .md path (a
     folder holding a bench is refused unless `overwrite`; the folder is made when the rows are done).
 
@@ -251,7 +263,8 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     seeds ("dev" to tune on, "test" to report). A refined row's teacher row is added to the run
     when missing (for a scale-conditioned refiner, the teacher at the row's scale `wW`).
 
-    Rows are sampled with `threads` torch threads and timed in `rounds` interleaved rounds
+    Rows are sampled with `scheduler` (a row may name its own: `refined@euler`; paper Fig. 28), on
+    the model's own timestep spacing, with `threads` torch threads and timed in `rounds` interleaved rounds
     (`noiserefine.evaluation.timing`); bench.json records the machine's load, and the table warns
     when other work competed for the CPUs.
     """
@@ -263,8 +276,10 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     specs = [parse_row(r) for r in (suite.rows if rows == "default" else rows).split(",")]
     if rows == "default" and refiner is not None and not any(s.method == "refined" for s in specs):
         specs.append(parse_row("refined"))
+    specs = [replace(s, scheduler=s.scheduler or scheduler) for s in specs]
     for spec in specs:
         check_guide(backbone, spec.guidance)
+        make_scheduler(spec.scheduler, backbone.scheduler_config)  # an unknown or unfit sampler fails here
     weights = {m: Path(w) for m, w in (("refined", refiner), ("golden", npnet)) if w is not None}
     for method, path in weights.items():
         if not any(s.method == method for s in specs):
@@ -280,7 +295,7 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
             specs.insert(1 + k, row)
 
     def build(spec: RowSpec, results: list[dict]) -> NoiseMethod:
-        options = SamplingOptions(spec.guidance, spec.steps, "ddim", setup.batch_size)
+        options = SamplingOptions(spec.guidance, spec.steps, spec.scheduler, setup.batch_size)
         return registry.build(spec.method, replace(ctx, sampling=options), **_method_opts(spec, results))
 
     saved = folder.open() if suite.saves_images else None
@@ -300,7 +315,8 @@ def run_bench(out: Path, n: int = 1000, batch_size: int = 250, rows: str = "defa
     for r in results:
         r["ratio_to_cfg"] = r["sec_per_image"] / ref_row["sec_per_image"]
         r["cpu_ratio_to_cfg"] = r["cpu_sec_per_image"] / ref_row["cpu_sec_per_image"]
-    meta = {"n": n, "split": split, "batch_size": batch_size, "sampler": "ddim (trailing)",
+    spacing = make_scheduler(scheduler, backbone.scheduler_config).config.get("timestep_spacing")
+    meta = {"n": n, "split": split, "batch_size": batch_size, "sampler": f"{scheduler} ({spacing})" if spacing else scheduler,
             "reference_row": reference.label,
             "torch_threads": threads, "rounds": rounds, "load": load.to_record(), "device": str(backbone.device),
             "methods": list(dict.fromkeys(s.method for s in specs)),
@@ -331,14 +347,14 @@ def _teacher_rows(ctx: MethodContext, specs: list[RowSpec]) -> dict[RowSpec, Row
     for spec in specs:
         w = dict(spec.options).get("teacher_scale")
         if spec.method == "refined" and (w is not None or not teacher.conditioned):
-            row = parse_row(teacher.row(w if teacher.conditioned else None))
+            row = replace(parse_row(teacher.row(w if teacher.conditioned else None)), scheduler=spec.scheduler)
             if row.guidance.is_guided:
                 rows[spec] = row
     return rows
 
 
 def _same_guidance(a: RowSpec, b: RowSpec) -> bool:
-    return (a.method, a.guidance, a.steps, a.n) == (b.method, b.guidance, b.steps, b.n)
+    return (a.method, a.guidance, a.steps, a.n, a.scheduler) == (b.method, b.guidance, b.steps, b.n, b.scheduler)
 
 
 def _method_opts(spec: RowSpec, results: list[dict]) -> dict[str, Any]:

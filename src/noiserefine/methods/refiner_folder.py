@@ -47,7 +47,7 @@ denoiser, evaluated once at t = {timestep}, maps Gaussian noise x_T to x_T + del
 - teacher: `{teacher}`
 - base model: `{architecture}`, weights sha256 `{weights}`
 - guidance-scale conditioning: {conditioned}
-{training}
+{training}{sampler}
 ## Use
 
 ```python
@@ -178,5 +178,13 @@ def model_card(meta: dict[str, Any], base_model: str | None) -> ModelCard:
         architecture=meta["base"].get("architecture"), weights=meta["base"].get("weights_sha256"),
         conditioned=bool(config.get("scale_conditioning")),
         training=(f"- training: {training.get('steps')} steps, loss `{training.get('loss')}`, rank "
-                  f"{training.get('rank')}, lr {training.get('lr')}\n" if training else ""))
+                  f"{training.get('rank')}, lr {training.get('lr')}\n" if training else ""),
+        sampler="".join(f"- {what}: {_sampler_line(meta[key])}\n" for key, what in
+                        (("teacher_sampler", "teacher's sampler"), ("sampler", "sampler inside the loss")) if meta.get(key)))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _sampler_line(record: dict[str, Any]) -> str:
+    """A sampler record (`sampling.sampler_record`) in words: the refiner samples best on it."""
+    settings = ", ".join(f"{k} {record[k]}" for k in ("timestep_spacing", "steps_offset", "prediction_type") if k in record)
+    return f"`{record.get('class', record.get('scheduler'))}` ({settings}), timesteps {record.get('timesteps')}"
