@@ -150,18 +150,25 @@ def world_prompts() -> None:
 @click.option("--snapshot-every", default=0, help="also keep EMA weights every K steps (0 = off)")
 @click.option("--noise-schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "sd"]),
               help="cosine (zero terminal SNR) or Stable Diffusion's scaled-linear betas; recorded with the weights")
+@click.option("--lr", default=3e-4, show_default=True, help="AdamW learning rate (constant)")
+@click.option("--world", "world_variant", default="original", show_default=True,
+              type=click.Choice(["original", "shifted"]), help="world variant the training images are rendered in")
+@click.option("--init-from", default=None,
+              help="start from these base weights (a .safetensors, or 'shipped') instead of a fresh init: a fine-tune")
 @click.option("--out", type=PATH, required=True, help="run folder (resumes if it holds a checkpoint)")
 @_friendly_errors
 def train_base_cmd(steps: int, batch_size: int, seed: int, prompt_dropout: float, snapshot_every: int,
-                   noise_schedule: str, out: Path) -> None:
-    """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base"""
+                   noise_schedule: str, lr: float, world_variant: str, init_from: str | None, out: Path) -> None:
+    """Train the embedded shapes16 base model (resumable).  Example: noiserefine train-base --out runs/base;
+    fine-tune on the shifted world: noiserefine train-base --init-from shipped --world shifted --out runs/ft"""
     from noiserefine.io import OutputFolder
     from noiserefine.train_base import BaseTrainConfig, train_base
 
     OutputFolder(out, ()).check()  # not a file, parent exists; the run itself resumes or refuses
-    click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed,
+    click.echo(train_base(out, BaseTrainConfig(steps=steps, batch_size=batch_size, seed=seed, lr=lr,
                                                prompt_dropout=prompt_dropout, snapshot_every=snapshot_every,
-                                               noise_schedule=noise_schedule)))
+                                               noise_schedule=noise_schedule, world=world_variant,
+                                               init_from=init_from)))
 
 
 # -- sampling ---------------------------------------------------------------------------------

@@ -153,12 +153,16 @@ class PairSet:
         return len(self.prompts)
 
 
-def load_pairs(folder: Path, margin: float = 0.0) -> PairSet:
-    """Finished shards of a pair folder, filtered: keep pairs with s_0 + margin < s_0'."""
+def load_pairs(folder: Path, margin: float | None = 0.0) -> PairSet:
+    """Finished shards of a pair folder, filtered: keep pairs with s_0 + margin < s_0' (margin None:
+    keep every pair, unfiltered)."""
     manifest = read_manifest(folder, "pairs")
     spec = RedenoiseSpec(**manifest["spec"])
     data = spec.store(folder).load()
-    keep = (data["score_source"] + margin < data["score_target"]).nonzero().squeeze(1)
+    if margin is None:
+        keep = torch.arange(len(data["index"]))
+    else:
+        keep = (data["score_source"] + margin < data["score_target"]).nonzero().squeeze(1)
     if len(keep) == 0:
         raise NoiseRefineError(f"no pair in {folder} improves its score by the margin {margin}")
     return PairSet(data["source"][keep], data["target"][keep], [spec.pair(int(i))[0] for i in data["index"][keep]],

@@ -1,7 +1,9 @@
 """Training the embedded shapes16 base model (v-prediction, prompt dropout for CFG).
 
 Every step's data and noise come from generators seeded by (seed, step), so a killed run that
-resumes from its last checkpoint reproduces the uninterrupted run exactly.
+resumes from its last checkpoint reproduces the uninterrupted run exactly. A fine-tune is the same
+loop started from trained weights (`init_from`) on a world variant (`world`, e.g. "shifted": the
+transfer experiment of the NoiseRefine paper's Tab. 4).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from noiserefine.backbones.shapes16 import NOISE_SCHEDULES, Shapes16Backbone
+from noiserefine.backbones.shapes16 import DEFAULT_WEIGHTS, NOISE_SCHEDULES, Shapes16Backbone
 from noiserefine.errors import NoiseRefineError
 from noiserefine.training_loop import LoopSettings, run_training_loop
-from noiserefine.world.shapes16 import random_prompts, render
+from noiserefine.io import shipped_path
+from noiserefine.world.shapes16 import random_prompts, render, world_palette
 
 
 @dataclass
@@ -31,6 +34,8 @@ class BaseTrainConfig:
     checkpoint_every: int = 250
     snapshot_every: int = 0  # also keep EMA weights every K steps (to pick the world's base model)
     noise_schedule: str = "cosine"  # a key of NOISE_SCHEDULES
+    world: str = "original"  # the world variant the batches are rendered in (world.shapes16.WORLD_VARIANTS)
+    init_from: str | None = None  # start from these base weights ("shipped": the package's base) instead of a fresh init
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.checkpoint_every) < 1 or self.snapshot_every < 0:
@@ -41,6 +46,9 @@ class BaseTrainConfig:
                 f"{self.ema_decay}, {self.lr}")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise NoiseRefineError(f"unknown noise schedule {self.noise_schedule!r}; one of {sorted(NOISE_SCHEDULES)}")
+        world_palette(self.world)  # an unknown variant is refused before anything runs
+        if self.init_from is not None and self.init_from != "shipped" and not Path(self.init_from).is_file():
+            raise NoiseRefineError(f"--init-from {self.init_from!r}: no such base weights file (or 'shipped')")
 
 
 # Fields a resumed run may change: how long it runs and how often it saves.
@@ -54,7 +62,7 @@ NOISE_SEED_STRIDE = 1_000_003
 def _batch(cfg: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
     rng = np.random.default_rng([cfg.seed, step])
     prompts = random_prompts(cfg.batch_size, rng)
-    images = torch.from_numpy(render(prompts, rng))
+    images = torch.from_numpy(render(prompts, rng, cfg.world))
     drop = rng.uniform(size=cfg.batch_size) < cfg.prompt_dropout
     texts = ["" if d else p.text for p, d in zip(prompts, drop)]
     return images, texts
@@ -72,7 +80,7 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     schedule = NOISE_SCHEDULES[cfg.noise_schedule]
-    model = Shapes16Backbone.create(cfg.seed, schedule)
+    model = _initial_model(cfg, schedule)
     unet, enc = model.denoiser, model.prompt_encoder
     ema = copy.deepcopy(torch.nn.ModuleDict({"unet": unet, "enc": enc})).requires_grad_(False)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(enc.parameters()), lr=cfg.lr)
@@ -95,6 +103,20 @@ def train_base(out: Path, cfg: BaseTrainConfig = BaseTrainConfig(), progress: bo
     final.save(path, {"training": asdict(cfg), "final_loss_avg50": float(np.mean(run.losses[-50:])),
                       "train_seconds_this_run": round(run.seconds, 1)})
     return path
+
+
+def _initial_model(cfg: BaseTrainConfig, schedule: dict) -> Shapes16Backbone:
+    """A fresh model, or the weights `cfg.init_from` names (their noise schedule must be the run's)."""
+    if cfg.init_from is None:
+        return Shapes16Backbone.create(cfg.seed, schedule)
+    path = shipped_path(DEFAULT_WEIGHTS) if cfg.init_from == "shipped" else Path(cfg.init_from)
+    model = Shapes16Backbone.load(path)
+    if model.scheduler_config != schedule:
+        raise NoiseRefineError(f"{path} was trained with the noise schedule {model.scheduler_config}, this run "
+                               f"uses {cfg.noise_schedule!r} ({schedule}); pass the matching --noise-schedule")
+    model.denoiser.train()  # as a fresh model is (the UNet has no dropout: no effect on the numbers)
+    model.prompt_encoder.train()
+    return model
 
 
 def _base_step(model: Shapes16Backbone, opt: torch.optim.Optimizer, noise_sched: DDPMScheduler,

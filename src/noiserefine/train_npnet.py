@@ -26,18 +26,22 @@ from noiserefine.training_loop import LoopSettings, run_training_loop
 class NPNetTrainConfig:
     """MSE training on the kept pairs: AdamW, cosine learning-rate decay, batches drawn by
     generators seeded with (seed, step) so a resumed run equals an uninterrupted one. Pairs whose
-    score does not beat their source's by `margin` are left out (the paper's s_0 + m < s_0').
+    score does not beat their source's by `margin` are left out (the paper's s_0 + m < s_0'; None:
+    every pair is kept, the paper's ablation "w/o data filtering"). `singular_values` / `residual`
+    False train NPNet without that branch (the paper's other two ablations).
     The defaults are the shipped shapes16 NPNet's recipe (weights/shapes16-npnet.md)."""
 
     steps: int = 800
     batch_size: int = 64
     lr: float = 1e-3
-    margin: float = 0.01
+    margin: float | None = 0.01
     val_fraction: float = 0.05
     width: int = 64
     depth: int = 2
     heads: int = 4
     patch: int = 2
+    singular_values: bool = True
+    residual: bool = True
     seed: int = 0
     checkpoint_every: int = 200
 
@@ -67,7 +71,8 @@ def train_npnet(backbone: Backbone, pairs: Path, out: Path, cfg: NPNetTrainConfi
     emb = _prompt_table(backbone, data.prompts)
     train_idx, val_idx = _split(len(data), cfg.val_fraction)
     torch.manual_seed(cfg.seed)
-    net = NPNet.for_backbone(backbone, width=cfg.width, depth=cfg.depth, heads=cfg.heads, patch=cfg.patch)
+    net = NPNet.for_backbone(backbone, width=cfg.width, depth=cfg.depth, heads=cfg.heads, patch=cfg.patch,
+                             singular_values=cfg.singular_values, residual=cfg.residual)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     out = folder.open()
     settings = LoopSettings(out / "checkpoint", cfg.steps, lr_schedule="cosine", checkpoint_every=cfg.checkpoint_every,

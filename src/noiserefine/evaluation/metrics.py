@@ -20,7 +20,7 @@ from noiserefine.world.shapes16 import random_prompts, render
 REFERENCE_SIZE = 2000
 REFERENCE_SEED = 271828  # fixed: every run compares against the same real renders
 _BATCH = 500
-_reference_cache: weakref.WeakKeyDictionary[Judge, dict[tuple[int, int], np.ndarray]] = weakref.WeakKeyDictionary()
+_reference_cache: weakref.WeakKeyDictionary[Judge, dict[tuple[int, int, str], np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -55,18 +55,23 @@ def judge_features(judge: Judge, images: torch.Tensor) -> np.ndarray:
     return np.concatenate([judge.features(chunk).double().numpy() for chunk in images.split(_BATCH)])
 
 
-def reference_features(judge: Judge, n: int = REFERENCE_SIZE, seed: int = REFERENCE_SEED) -> np.ndarray:
-    """Features of `n` fixed real renders (uniform prompts from `seed`), cached per judge."""
+def reference_features(judge: Judge, n: int = REFERENCE_SIZE, seed: int = REFERENCE_SEED,
+                       variant: str = "original") -> np.ndarray:
+    """Features of `n` fixed real renders (uniform prompts from `seed`) of the world `variant`
+    (the same scenes in another palette: `world.shapes16.WORLD_VARIANTS`), cached per judge."""
     cache = _reference_cache.setdefault(judge, {})
-    if (n, seed) not in cache:
+    if (n, seed, variant) not in cache:
         rng = np.random.default_rng(seed)
-        images = torch.from_numpy(render(random_prompts(n, rng), rng))
-        cache[(n, seed)] = judge_features(judge, images)
-    return cache[(n, seed)]
+        images = torch.from_numpy(render(random_prompts(n, rng), rng, variant))
+        cache[(n, seed, variant)] = judge_features(judge, images)
+    return cache[(n, seed, variant)]
 
 
-def score_images(images: torch.Tensor, prompts: Sequence[str], judges: dict[str, Judge]) -> dict[str, float]:
-    """Adherence, per-attribute accuracy and FD for each judge, in one flat JSON-friendly dict.
+def score_images(images: torch.Tensor, prompts: Sequence[str], judges: dict[str, Judge],
+                 variant: str = "original") -> dict[str, float]:
+    """Adherence, per-attribute accuracy and FD for each judge, in one flat JSON-friendly dict
+    (FD against the renders of the world `variant`: a model fine-tuned on "shifted" is measured
+    against its own world).
 
     The judge named "primary" gives un-prefixed keys ({"adherence", "acc_color", "acc_shape",
     "acc_position", "fd"}); any other judge `name` gives the same keys prefixed `"{name}_"`.
@@ -82,6 +87,6 @@ def score_images(images: torch.Tensor, prompts: Sequence[str], judges: dict[str,
     for name, judge in judges.items():
         prefix = "" if name == "primary" else f"{name}_"
         figures = attribute_accuracy(judge, images, prompts)
-        figures["fd"] = frechet_distance(judge_features(judge, images), reference_features(judge))
+        figures["fd"] = frechet_distance(judge_features(judge, images), reference_features(judge, variant=variant))
         scores |= {prefix + key: value for key, value in figures.items()}
     return scores

@@ -13,6 +13,9 @@ NPNet ("Training and Inference"):
 
 alpha enters as 2 sigmoid(a) - 1 (the reference code's parametrisation); a and beta are learned.
 The singular-value and residual heads start at zero and a = 0, so NPNet starts as the identity.
+The paper's ablations switch a branch off (`NPNetConfig.singular_values` / `residual`): without
+singular-value prediction x~_T' is x_T itself (the singular values are kept), without residual
+prediction the beta x^_T term and its network are gone.
 
 Stage III: `GoldenNoise` is an ordinary noise method, x_T -> NPNet(x_T, c), usable via `latents=`.
 
@@ -44,7 +47,8 @@ FORMAT = "noiserefine-npnet/1"
 @dataclass
 class NPNetConfig:
     """NPNet's architecture. `channels` and `text_dim` come from the backbone; the spatial size is
-    free (it must divide by `patch`)."""
+    free (it must divide by `patch`). `singular_values` / `residual` False drop that branch (the
+    paper's ablations "w/o singular value prediction" / "w/o residual prediction")."""
 
     channels: int
     text_dim: int
@@ -52,6 +56,8 @@ class NPNetConfig:
     depth: int = 2
     heads: int = 4
     patch: int = 2
+    singular_values: bool = True
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if self.width % 4 or self.width % self.heads:
@@ -156,17 +162,21 @@ class NPNet(nn.Module):
         super().__init__()
         self.config = config
         self.inject = TextInjection(config.channels, config.text_dim)
-        self.singular = SingularValuePredictor(config.channels, config.width, config.heads)
-        self.residual = ResidualPredictor(config)
+        if config.singular_values:
+            self.singular = SingularValuePredictor(config.channels, config.width, config.heads)
+        if config.residual:
+            self.residual = ResidualPredictor(config)
+            self.beta = nn.Parameter(torch.ones(()))
         self.alpha = nn.Parameter(torch.zeros(()))  # through 2 sigmoid(a) - 1: no injection at init
-        self.beta = nn.Parameter(torch.ones(()))
 
     def forward(self, x_T: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x'_pred = alpha e + x~_T' + beta x^_T for x_T (B, C, H, W) and emb (B, text_dim)."""
         self._check(x_T, emb)
         x, emb = x_T.float(), emb.float()
         e = self.inject(x, emb)
-        out = self.singular(x) + (2 * torch.sigmoid(self.alpha) - 1) * e + self.beta * self.residual(x + e, emb)
+        out = (self.singular(x) if self.config.singular_values else x) + (2 * torch.sigmoid(self.alpha) - 1) * e
+        if self.config.residual:
+            out = out + self.beta * self.residual(x + e, emb)
         return out.to(x_T.dtype)
 
     def _check(self, x_T: torch.Tensor, emb: torch.Tensor) -> None:
@@ -179,7 +189,7 @@ class NPNet(nn.Module):
                                    f"got {tuple(emb.shape)} for {x_T.shape[0]} noises")
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, **arch: int) -> "NPNet":
+    def for_backbone(cls, backbone: Backbone, **arch: int | bool) -> "NPNet":
         """A fresh (identity) NPNet sized for `backbone`'s latents and prompt embeddings."""
         with torch.no_grad():
             text_dim = pooled_prompt_embedding(backbone.encode_prompts([""])).shape[1]

@@ -12,6 +12,9 @@ One round ("Overall Architecture" of the paper), for the current noise z:
    sigma* = argmax_i  grad . v_i / ||v_i||^2,  with v_i = (sqrt(1 - gamma) - 1) z + sqrt(gamma) sigma_i.
 4. distribution-preserving update: z' = sqrt(1 - gamma) z + sqrt(gamma) sigma*. Since
    (sqrt(1 - gamma))^2 + (sqrt(gamma))^2 = 1, z' ~ N(0, I) whenever z and sigma* are.
+   `NoiseDiffusionConfig.update="linear"` is the plain update the paper argues against (its
+   "Key Insight"), for ablation: z' = (1 - gamma) z + gamma sigma*, whose variance
+   (1 - gamma)^2 + gamma^2 < 1 shrinks the noise off N(0, I); step 3's v_i follows the update used.
 
 An image stops at a score threshold or after a round budget; the BEST noise seen is returned with
 its score (later rounds can be worse). Each round costs one scorer call and one sampling.
@@ -33,27 +36,46 @@ from noiserefine.sampling import check_noise
 from noiserefine.scoring import Scorer
 
 
+UPDATES = ("preserving", "linear")
+"""Noise updates: the paper's distribution-preserving one, and the plain (variance-changing) ablation."""
+
+
 @dataclass(frozen=True)
 class NoiseDiffusionConfig:
-    """Round budget M, candidates per round K, early-stop threshold and the step-size clip."""
+    """Round budget M, candidates per round K, early-stop threshold, the step-size clip and the
+    noise update ("preserving", the paper's; "linear", the variance-changing ablation)."""
 
     rounds: int = 10
     candidates: int = 16
     threshold: float = 0.999
     gamma_min: float = 0.05
     gamma_max: float = 0.9
+    update: str = "preserving"
 
     def __post_init__(self) -> None:
+        if self.update not in UPDATES:
+            raise NoiseRefineError(f"unknown Noise Diffusion update {self.update!r}; choose from {', '.join(UPDATES)}")
         if self.rounds < 1 or self.candidates < 1:
             raise NoiseRefineError(f"rounds and candidates must be >= 1, got {self.rounds}, {self.candidates}")
         if not 0 < self.gamma_min <= self.gamma_max <= 1:
             raise NoiseRefineError(f"need 0 < gamma_min <= gamma_max <= 1, got {self.gamma_min}, {self.gamma_max}")
 
 
+def update_weights(g: torch.Tensor, update: str = "preserving") -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of the update z' = a z + b sigma at step g: "preserving" (sqrt(1 - g), sqrt(g)),
+    a^2 + b^2 = 1; "linear" (1 - g, g), a^2 + b^2 < 1 for 0 < g < 1."""
+    return ((1 - g).sqrt(), g.sqrt()) if update == "preserving" else (1 - g, g)
+
+
+def noise_update(z: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor, update: str = "preserving") -> torch.Tensor:
+    """z' = a z + b sigma with (a, b) = `update_weights(gamma, update)`, gamma per image (B,)."""
+    a, b = update_weights(gamma.reshape(-1, *[1] * (z.ndim - 1)).to(z.dtype), update)
+    return a * z + b * sigma
+
+
 def distribution_preserving_update(z: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """z' = sqrt(1 - gamma) z + sqrt(gamma) sigma, gamma per image (B,): N(0, I) in, N(0, I) out."""
-    g = gamma.reshape(-1, *[1] * (z.ndim - 1)).to(z.dtype)
-    return (1 - g).sqrt() * z + g.sqrt() * sigma
+    return noise_update(z, sigma, gamma, "preserving")
 
 
 def adaptive_step(score: torch.Tensor, gamma_min: float, gamma_max: float) -> torch.Tensor:
@@ -61,10 +83,11 @@ def adaptive_step(score: torch.Tensor, gamma_min: float, gamma_max: float) -> to
     return (1 - score.sqrt()).clamp(gamma_min, gamma_max)
 
 
-def select_candidate(z: torch.Tensor, grad: torch.Tensor, candidates: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """The candidate (B, K, ...) -> (B, ...) whose update direction v_i best follows the gradient."""
-    g = gamma.reshape(-1, 1, *[1] * (z.ndim - 1)).to(z.dtype)
-    v = ((1 - g).sqrt() - 1) * z[:, None] + g.sqrt() * candidates
+def select_candidate(z: torch.Tensor, grad: torch.Tensor, candidates: torch.Tensor, gamma: torch.Tensor,
+                     update: str = "preserving") -> torch.Tensor:
+    """The candidate (B, K, ...) -> (B, ...) whose update direction v_i = z'_i - z best follows the gradient."""
+    a, b = update_weights(gamma.reshape(-1, 1, *[1] * (z.ndim - 1)).to(z.dtype), update)
+    v = (a - 1) * z[:, None] + b * candidates
     alignment = (v * grad[:, None]).flatten(2).sum(-1) / v.flatten(2).pow(2).sum(-1)
     return candidates[torch.arange(len(z), device=z.device), alignment.argmax(1)]
 
@@ -106,7 +129,8 @@ def optimize_noise(backbone: Backbone, scorer: Scorer, x_T: torch.Tensor, prompt
         active = active[go_on]
         gamma = adaptive_step(s, config.gamma_min, config.gamma_max)
         pool = candidates.draw(active.tolist(), config.candidates).to(z.device, z.dtype)
-        z[active] = distribution_preserving_update(z_old, select_candidate(z_old, grad, pool, gamma), gamma)
+        chosen = select_candidate(z_old, grad, pool, gamma, config.update)
+        z[active] = noise_update(z_old, chosen, gamma, config.update)
     return SearchResult(best, best_score, rounds)
 
 
