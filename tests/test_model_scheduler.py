@@ -102,6 +102,7 @@ def test_a_folder_made_before_the_sampler_was_recorded_reads_as_trailing(targets
     trailing = StableDiffusionBackbone.from_pipeline(StableDiffusionPipeline(**tiny_sd_components()), resolution=SIZE)
     assert trailing.scheduler_config["timestep_spacing"] == SCHEDULER_CONFIG["timestep_spacing"] == "trailing"
     spec = TargetSpec(PROMPTS, [0, 1], Teacher(Guidance(cfg=CFG), steps=STEPS), shard_size=2)
+    generate_targets(trailing, spec, old, batch_size=2, progress=False)  # same weights, trailing: it resumes
     with pytest.raises(NoiseRefineError, match="another spec or base model"):  # SD 2.1 (leading) cannot resume it
         generate_targets(StableDiffusionBackbone.from_pipeline(sd21_pipe(), resolution=SIZE), spec, old,
                          batch_size=2, progress=False)

@@ -2,7 +2,7 @@
 evaluations, bytes on disk, and an estimate of the hours (NoiseRefine A.7 counts training cost the
 same way, in model evaluations).
 
-Hours come from measured costs, never from a guess at the model's speed:
+Hours come from measured times per model evaluation:
 
 - this machine: forwards of the loaded denoiser (and VAE decodes) are timed here, at batch 1 and
   doubling up to the run's own batch while a forward takes under `BATCH_BUDGET_S` (per image, a
@@ -148,29 +148,36 @@ def plan_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher,
     backbone = load_backbone(model, guide=guide, dtype=dtype)
     score = score or getattr(backbone, "default_scorer", None) or "none"
     spec = TargetSpec(list(prompts), list(seeds), teacher, shard_size, score)
-    branches = max(teacher.at_scale(w).nfe(1) for w in teacher.scales or (None,))  # one batched forward per step
-    per_scale = {w: teacher.at_scale(w).nfe(teacher.steps) for w in set(spec.pair(i)[2] for i in range(len(seeds)))}
-    evaluations = sum(per_scale[spec.pair(i)[2]] for i in range(len(seeds)))
+    evaluations, note = _teacher_evaluations(spec, backbone)
     item = backbone.dtype.itemsize * 2 * _numel(backbone.latent_shape) + 4 + 4 + 8  # x_T, x_0, cfg, score, index
     manifest = len(json.dumps(spec.to_record())) + 4096  # the spec (prompts, seeds) and the rest of the record
-    spacing = sampler_record(teacher.scheduler, backbone.scheduler_config, teacher.steps)["timestep_spacing"]
-    sampler = f"{teacher.guidance.name}, {teacher.steps} {teacher.scheduler} steps" + (f", {spacing} spacing" if spacing else "")
+    branches = max(teacher.at_scale(w).nfe(1) for w in teacher.scales or (None,))  # batched in one forward per step
     return Plan("targets", f"{len(seeds):,} targets of {len(prompts):,} prompts ({spec.num_shards:,} shards "
-                f"of {shard_size}, batch {batch_size})", evaluations,
-                f"{evaluations / len(seeds):.3g} per target: {sampler}", len(seeds) if score != "none" else 0,
+                f"of {shard_size}, batch {batch_size})", evaluations, note, len(seeds) if score != "none" else 0,
                 len(seeds) * item + manifest, f"{item:,} bytes per target: x_T and x_0 in "
                 f"{str(backbone.dtype).removeprefix('torch.')}, plus the manifest", measure(backbone, batch_size * branches),
                 reference_for(backbone))
+
+
+def _teacher_evaluations(spec: TargetSpec, backbone: Backbone) -> tuple[int, str]:
+    """Model evaluations of all targets (each at its teacher scale) and a note on them."""
+    teacher, n = spec.teacher, len(spec.seeds)
+    scales = [spec.pair(i)[2] for i in range(n)]
+    per_scale = {w: teacher.at_scale(w).nfe(teacher.steps) for w in set(scales)}
+    total = sum(per_scale[w] for w in scales)
+    spacing = sampler_record(teacher.scheduler, backbone.scheduler_config, teacher.steps)["timestep_spacing"]
+    sampler = f"{teacher.guidance.name}, {teacher.steps} {teacher.scheduler} steps" + (f", {spacing} spacing" if spacing else "")
+    return total, f"{total / n:.3g} per target: {sampler}"
 
 
 def plan_train(cfg: TrainConfig, *, model: str | None = None, dtype: str | None = None) -> Plan:
     """The plan of `train.train_refiner` with `cfg`: `steps x batch_size` target samples, each a
     refiner evaluation with gradients and `msd_steps` sampler steps; the refiner folder and its
     checkpoint (weights plus AdamW's two moments) on disk."""
-    backbone = load_backbone(model, dtype=dtype)
     if cfg.loss == "noise":
         raise NoiseRefineError("a dry run plans the msd and full losses; the noise loss also inverts every "
                                "target, which the plan does not count")
+    backbone = load_backbone(model, dtype=dtype)
     samples, n = cfg.steps * cfg.batch_size, cfg.msd_steps
     graph = 1 if cfg.loss == "msd" else n + 1  # forwards that keep a graph for the backward
     per_sample = n + 1 + graph * (BACKWARD_FORWARDS + int(cfg.gradient_checkpointing))
