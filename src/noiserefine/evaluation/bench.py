@@ -162,7 +162,9 @@ class RowRun:
               rounds: int) -> "RowRun":
         """The row's first n images (all when its spec names none) in `rounds` chunks."""
         n = _row_size(spec, setup)
-        options = SamplingOptions(spec.guidance, spec.steps, spec.scheduler, setup.batch_size)
+        options = SamplingOptions(spec.guidance, spec.steps, batch_size=setup.batch_size)
+        if spec.scheduler is not None:  # None: SamplingOptions' default (run_bench fills in the bench's)
+            options = replace(options, scheduler=spec.scheduler)
         return cls(backbone, spec, method, setup.prompts[:n], setup.seeds[:n], options,
                    chunk_bounds(n, setup.batch_size, rounds))
 

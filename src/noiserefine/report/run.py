@@ -10,10 +10,10 @@ report, naming the item; what it and the items before it cached stays for `resum
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -31,6 +31,7 @@ from noiserefine.report.items import load_items
 
 RESULTS = ("index.html", "report.json", "*.png", "cache")
 """What a report writes into its folder (`OutputFolder` results)."""
+logger = logging.getLogger(__name__)
 SETTINGS = "settings.json"
 """The size and split a report folder's cache was made with (in DIR/cache)."""
 
@@ -85,7 +86,7 @@ def _check_folder(out: Path, quick: bool, split: str, resume: bool, overwrite: b
 
 def _run_item(ctx: ReportContext, spec: ItemSpec, k: int, total: int) -> dict[str, Any]:
     """Run one item with a progress line; its record for report.json."""
-    print(f"[{k}/{total}] {spec.key}: {spec.title}", file=sys.stderr, flush=True)
+    logger.info("[%d/%d] %s: %s", k, total, spec.key, spec.title)
     before, clock = (len(ctx.computed), len(ctx.reused)), time.monotonic()
     try:
         result = spec.run(ctx)
@@ -95,7 +96,7 @@ def _run_item(ctx: ReportContext, spec: ItemSpec, k: int, total: int) -> dict[st
         raise ReportItemError(f"report item {spec.key!r} ({spec.title}) failed: {type(err).__name__}: {err}") from err
     _check_result(ctx, spec, result)
     seconds, computed, reused = time.monotonic() - clock, ctx.computed[before[0]:], ctx.reused[before[1]:]
-    print(f"      {result.verdict} ({seconds:.1f} s; {len(computed)} result(s) computed)", file=sys.stderr, flush=True)
+    logger.info("      %s (%.1f s; %d result(s) computed)", result.verdict, seconds, len(computed))
     return {"key": spec.key, "title": spec.title, "paper": spec.paper, "ours": result.ours,
             "verdict": result.verdict, "why": result.why, "table": result.table, "figures": result.figures,
             "captions": {name: ctx.captions[name] for name in result.figures if name in ctx.captions},
