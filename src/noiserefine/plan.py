@@ -84,13 +84,14 @@ REFERENCES = (
 
 @dataclass(frozen=True)
 class MachineCost:
-    """Measured here, per image at batch `batch`: seconds per forward of the denoiser and per decode."""
+    """Measured here, per image at batch `batch`: seconds per forward of the denoiser and per decode
+    (None: not measured, the job decodes nothing)."""
 
     device: str
     dtype: str
     batch: int
     seconds_per_evaluation: float
-    seconds_per_decode: float
+    seconds_per_decode: float | None
 
 
 @dataclass
@@ -116,10 +117,10 @@ class Plan:
                  f"  disk:              {_bytes(self.disk_bytes)} ({self.disk_note})",
                  "  hours (estimates, one process; a run on P GPUs takes about 1/P of the GPU figures):"]
         m = self.machine
-        here = self.evaluations * m.seconds_per_evaluation + self.decodes * m.seconds_per_decode
+        here = self.evaluations * m.seconds_per_evaluation + self.decodes * (m.seconds_per_decode or 0.0)
+        decode = "" if m.seconds_per_decode is None else f" and {_duration(m.seconds_per_decode)} per decode"
         lines.append(f"    this machine ({m.device}, {m.dtype}): {_duration(here)} (measured here at batch {m.batch}: "
-                     f"{_duration(m.seconds_per_evaluation)} per evaluation and {_duration(m.seconds_per_decode)} per "
-                     "decode, per image)")
+                     f"{_duration(m.seconds_per_evaluation)} per evaluation{decode}, per image)")
         lines += self._gpu_lines()
         return "\n".join(lines) + "\n"
 
@@ -152,11 +153,12 @@ def plan_targets(prompts: Sequence[str], seeds: Sequence[int], teacher: Teacher,
     item = backbone.dtype.itemsize * 2 * _numel(backbone.latent_shape) + 4 + 4 + 8  # x_T, x_0, cfg, score, index
     manifest = len(json.dumps(spec.to_record())) + 4096  # the spec (prompts, seeds) and the rest of the record
     branches = max(teacher.at_scale(w).nfe(1) for w in teacher.scales or (None,))  # batched in one forward per step
+    scored = score != "none"
     return Plan("targets", f"{len(seeds):,} targets of {len(prompts):,} prompts ({spec.num_shards:,} shards "
-                f"of {shard_size}, batch {batch_size})", evaluations, note, len(seeds) if score != "none" else 0,
+                f"of {shard_size}, batch {batch_size})", evaluations, note, len(seeds) if scored else 0,
                 len(seeds) * item + manifest, f"{item:,} bytes per target: x_T and x_0 in "
-                f"{str(backbone.dtype).removeprefix('torch.')}, plus the manifest", measure(backbone, batch_size * branches),
-                reference_for(backbone))
+                f"{str(backbone.dtype).removeprefix('torch.')}, plus the manifest",
+                measure(backbone, batch_size * branches, decode=scored), reference_for(backbone))
 
 
 def _teacher_evaluations(spec: TargetSpec, backbone: Backbone) -> tuple[int, str]:
@@ -166,7 +168,8 @@ def _teacher_evaluations(spec: TargetSpec, backbone: Backbone) -> tuple[int, str
     per_scale = {w: teacher.at_scale(w).nfe(teacher.steps) for w in set(scales)}
     total = sum(per_scale[w] for w in scales)
     spacing = sampler_record(teacher.scheduler, backbone.scheduler_config, teacher.steps)["timestep_spacing"]
-    sampler = f"{teacher.guidance.name}, {teacher.steps} {teacher.scheduler} steps" + (f", {spacing} spacing" if spacing else "")
+    sampler = f"{teacher.guidance.name}, {teacher.steps} {teacher.scheduler} steps"
+    sampler += f", {spacing} spacing" if spacing else ""
     return total, f"{total / n:.3g} per target: {sampler}"
 
 
@@ -187,13 +190,14 @@ def plan_train(cfg: TrainConfig, *, model: str | None = None, dtype: str | None 
                                                      if cfg.gradient_checkpointing else ""))
     return Plan("train", f"{samples:,} target samples ({cfg.steps:,} steps of {cfg.batch_size})", samples * per_sample,
                 note, 0, 4 * params * 4, f"{params:,} refiner parameters in fp32: the refiner and a checkpoint of it "
-                "with AdamW's two moments", measure(backbone, cfg.batch_size), reference_for(backbone))
+                "with AdamW's two moments", measure(backbone, cfg.batch_size, decode=False),
+                reference_for(backbone))
 
 
 @torch.no_grad()
-def measure(backbone: Backbone, batch: int) -> MachineCost:
-    """Time forwards (and decodes) of `backbone` at batch 1, 2, 4, ... up to `batch`, stopping once
-    a forward takes over `BATCH_BUDGET_S`; per-image seconds at the last batch timed."""
+def measure(backbone: Backbone, batch: int, decode: bool = True) -> MachineCost:
+    """Time forwards of `backbone` at batch 1, 2, 4, ... up to `batch`, stopping once a forward
+    takes over `BATCH_BUDGET_S`, and (`decode`) a decode at the last batch; per-image seconds."""
     size = 1
     while True:
         x = torch.randn(size, *backbone.latent_shape, device=backbone.device, dtype=backbone.dtype)
@@ -203,9 +207,9 @@ def measure(backbone: Backbone, batch: int) -> MachineCost:
         if size >= batch or forward > BATCH_BUDGET_S:
             break
         size = min(2 * size, batch)
-    decode = _timed(lambda: backbone.decode(x))
+    decoding = _timed(lambda: backbone.decode(x)) / size if decode else None
     device = torch.cuda.get_device_name(backbone.device) if backbone.device.type == "cuda" else backbone.device.type
-    return MachineCost(device, str(backbone.dtype).removeprefix("torch."), size, forward / size, decode / size)
+    return MachineCost(device, str(backbone.dtype).removeprefix("torch."), size, forward / size, decoding)
 
 
 def reference_for(backbone: Backbone) -> Reference | None:

@@ -204,7 +204,8 @@ class ShardRows:
         """Several views of one tensor name, one after the other (e.g. several folders)."""
         offsets = np.cumsum([0] + [len(v.files) for v in views[:-1]])
         return cls(views[0].name, tuple(f for v in views for f in v.files),
-                   np.concatenate([v.file_of + o for v, o in zip(views, offsets)]), np.concatenate([v.row for v in views]))
+                   np.concatenate([v.file_of + o for v, o in zip(views, offsets)]),
+                   np.concatenate([v.row for v in views]))
 
 
 def _read(path: Path, name: str, rows: slice | list[int]) -> torch.Tensor:

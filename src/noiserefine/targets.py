@@ -155,7 +155,8 @@ def load_targets(folders: Path | Sequence[Path], keep_fraction: float = 1.0) -> 
     parts = [_open_folder(f) for f in folders]
     manifest = parts[0].manifest
     for folder, other in zip(folders[1:], parts[1:]):
-        if (not same_model(other.manifest["base"], manifest["base"]) or _teacher_of(other.manifest) != _teacher_of(manifest)
+        if (not same_model(other.manifest["base"], manifest["base"])
+                or _teacher_of(other.manifest) != _teacher_of(manifest)
                 or not _same_sampler(other.manifest["sampler"], manifest["sampler"])):
             raise NoiseRefineError(f"{folder} was made by another base model or teacher than {folders[0]}")
     cfg, score = torch.cat([p.cfg for p in parts]), torch.cat([p.score for p in parts])
