@@ -261,7 +261,8 @@ def fig17(ctx: ReportContext) -> ItemResult:
                           f"{_low_high(recs, c, 're-drawn', 'share')}" for c in cutoffs)
               + ". Adherence with only the delta's low vs high part: "
               + "; ".join(f"cutoff {c:g}: {_low_high(recs, c, 'delta', 'adherence')}" for c in cutoffs)
-              + f" (x_T alone {sweep.gaussian_scores['adherence']:.3f}); n = {sweep.n}."),
+              + f" (x_T alone {sweep.gaussian_scores['adherence']:.3f}, the whole refinement "
+                f"{measure.score(sweep.refined_images, sweep.prompts)['adherence']:.3f}); n = {sweep.n}."),
         verdict="agrees" if agrees else "differs",
         why=("Keeping the low frequencies reproduces more of the refined image than keeping the high ones, whether the "
              "rest is zeroed or re-drawn, as Fig. 17/18 show" + (

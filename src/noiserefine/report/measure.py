@@ -11,6 +11,7 @@ agree).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -100,7 +101,8 @@ def paired(a: Mapping[str, Any], b: Mapping[str, Any], key: str = "correct") -> 
 def bench_rows(ctx: ReportContext, name: str, rows: Sequence[str], n: int,
                weights: Mapping[str, Path] | None = None, rounds: int = DEFAULT_ROUNDS) -> list[dict[str, Any]]:
     """Bench records (`evaluation.bench.run_rows`: timed in interleaved rounds, DDIM) of `rows` on
-    the first n images of the split, scored by `score`; cached as DIR/cache/<name>.json."""
+    the first n images of the split, scored by `score`; cached as DIR/cache/<name>-<hash of the
+    rows>.json, so a cache of other rows is never read back as these."""
     def compute() -> dict[str, Any]:
         backbone = load_backbone()
         methods = MethodContext(backbone, weights=dict(weights or {}))
@@ -113,7 +115,8 @@ def bench_rows(ctx: ReportContext, name: str, rows: Sequence[str], n: int,
         records = run_rows(backbone, specs, build, setup(ctx, n), score, rounds=1 if ctx.quick else rounds,
                            progress=True)
         return {"rows": [r | {"torch_threads": torch.get_num_threads()} for r in records]}
-    return ctx.cached_json(name, compute)["rows"]
+    digest = hashlib.sha256(",".join(rows).encode()).hexdigest()[:8]
+    return ctx.cached_json(f"{name}-{digest}", compute)["rows"]
 
 
 def sampled(ctx: ReportContext, name: str, make_noise: Callable[[], torch.Tensor], prompts: Sequence[str],
