@@ -61,13 +61,21 @@ def test_preset_supplies_its_seeds(workspace):
     assert code == 2 and out.strip() == "error: --seeds is required (or a --preset that sets them)"
 
 
-def test_train_dry_run_counts_samples_and_evaluations(workspace):
+def test_train_dry_run_counts_samples_and_evaluations(workspace, monkeypatch):
+    """Counts, and the GPU lines of the model's reference (here one made for the tiny UNet: the
+    refiner's LoRA must not hide the model from its reference)."""
+    import noiserefine.plan as plan
+
+    params = sum(p.numel() for p in make_tiny_sd_pipe().unet.parameters())
+    tiny = plan.Reference("tiny SD", params, (4, 32, 32), 0.01, "a test's")
+    monkeypatch.setattr(plan, "REFERENCES", (tiny,))
     code, out = invoke(["train", "--preset", "sd21", "--model", str(workspace / "sd"), "--targets",
                         str(workspace / "targets"), "--out", str(workspace / "run"), "--dry-run"])
     assert code == 0, out
     assert "300,000 target samples (9,375 steps of 32)" in out  # 6 epochs of 50K at batch 32
     # 11 forwards (refiner + N = 10), a backward through the refiner's (2) and its recompute (checkpointing)
     assert "model evaluations: 4,200,000 (14 per sample" in out
+    assert "RTX 3090: 12 h (reference: a test's: 10 ms per evaluation)" in out  # 4.2M x 10 ms
     assert not (workspace / "run").exists()
 
 

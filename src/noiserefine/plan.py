@@ -181,6 +181,7 @@ def plan_train(cfg: TrainConfig, *, model: str | None = None, dtype: str | None 
         raise NoiseRefineError("a dry run plans the msd and full losses; the noise loss also inverts every "
                                "target, which the plan does not count")
     backbone = load_backbone(model, dtype=dtype)
+    reference = reference_for(backbone)  # before the refiner's LoRA adds parameters to the denoiser
     samples, n = cfg.steps * cfg.batch_size, cfg.msd_steps
     graph = 1 if cfg.loss == "msd" else n + 1  # forwards that keep a graph for the backward
     per_sample = n + 1 + graph * (BACKWARD_FORWARDS + int(cfg.gradient_checkpointing))
@@ -191,7 +192,7 @@ def plan_train(cfg: TrainConfig, *, model: str | None = None, dtype: str | None 
     return Plan("train", f"{samples:,} target samples ({cfg.steps:,} steps of {cfg.batch_size})", samples * per_sample,
                 note, 0, 4 * params * 4, f"{params:,} refiner parameters in fp32: the refiner and a checkpoint of it "
                 "with AdamW's two moments", measure(backbone, cfg.batch_size, decode=False),
-                reference_for(backbone))
+                reference)
 
 
 @torch.no_grad()
