@@ -74,7 +74,7 @@ class Sizes:
     def describe(self) -> str:
         card = read_json(shipped_path(SHIPPED_CARD))
         stages = [card["training"]] + ([card["stage1"]["training"]] if "stage1" in card else [])
-        return (f"refiners of {self.steps} steps (batch {self.batch}) on the best {round(self.keep * self.targets):,} "
+        return (f"refiners of {self.steps} step{'s' * (self.steps != 1)} (batch {self.batch}) on the best {round(self.keep * self.targets):,} "
                 f"of {self.targets:,} targets; the shipped one has {sum(t['steps'] for t in stages)} steps (batch "
                 f"{card['training']['batch_size']}) on the best {card['num_targets']:,} of {card['targets']}; "
                 f"{self.n} bench images per row")
@@ -96,6 +96,9 @@ def _folder(ctx: ReportContext, name: str) -> Path:
     return path
 
 
+_FINISHED: set[Path] = set()  # target folders this process has made or checked complete
+
+
 def shared_targets(ctx: ReportContext) -> Path:
     """The one target set of every training item: seeds 0..K-1, the 48 prompts in turn, the shipped
     refiner's teacher, scored by the primary judge (made, or resumed, on first use)."""
@@ -108,10 +111,8 @@ def shared_targets(ctx: ReportContext) -> Path:
     return folder
 
 
-_FINISHED: set[Path] = set()  # target folders this process has made or checked complete
-
-
 def train_config(ctx: ReportContext, variant: str) -> TrainConfig:
+    """`TrainConfig`'s defaults (lr, rank, keep fraction, ...) at the report's budget, with the variant's loss."""
     size = sizes(ctx)
     return replace(TrainConfig(steps=size.steps, batch_size=size.batch, checkpoint_every=max(1, size.steps // 4)),
                    **VARIANTS[variant])
