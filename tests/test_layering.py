@@ -1,4 +1,4 @@
-"""The floors of the architecture (README "Layout"): a module imports only from its own floor or the
+"""The floors of the architecture (docs/architecture.md): a module imports only from its own floor or the
 floors below it -- module-level and function-level imports alike -- and every module has a floor."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def floor_of(module: str) -> int:
     matches = [(len(entry), i) for i, (_, entries) in enumerate(FLOORS) for entry in entries
                if module == entry or module.startswith(entry + "/")]
     if not matches:
-        raise AssertionError(f"module {module!r} has no floor: add it to FLOORS and to the README's Layout")
+        raise AssertionError(f"module {module!r} has no floor: add it to FLOORS and to docs/architecture.md")
     return max(matches)[1]
 
 
