@@ -119,7 +119,11 @@ def test_a_finished_report_is_refused_resumed_or_overwritten(tmp_path: Path, sta
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     _invoke("--resume", "--out", out)
     assert stand_in == [1], "--resume recomputed a cached result"
+    history = json.loads((out / "report.json").read_text())["meta"]["history"]
+    assert [(r["command"].split(str(out))[-1], r["computed"]) for r in history] == [("", 1), (" --resume", 0)]
+    assert "runs of this folder" in (out / "index.html").read_text()
     _invoke("--overwrite", "--out", out)
+    assert len(json.loads((out / "report.json").read_text())["meta"]["history"]) == 1  # a new folder's history
     assert stand_in == [1, 1], "--overwrite kept the old cache"
     assert (out / "notes.txt").read_text() == "mine\n" and (out / "index.html").is_file()
 

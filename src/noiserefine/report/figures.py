@@ -3,6 +3,8 @@ column labels. Every function writes one file and returns its name (for `ItemRes
 
 from __future__ import annotations
 
+import textwrap
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -67,11 +69,17 @@ def line_panels(path: Path, panels: Sequence[Panel], suptitle: str) -> str:
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(suptitle, fontsize=11)
+    fig.suptitle(_wrapped(suptitle, 4.6 * len(panels)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path).name
+
+
+def _wrapped(title: str, width_in: float) -> str:
+    """`title` broken into lines that fit a figure `width_in` inches wide at 11 pt (about 14 characters
+    per inch), so a one-panel figure's title is not clipped at its edges."""
+    return "\n".join(textwrap.wrap(title, width=max(20, int(14 * width_in))))
 
 
 def histogram(path: Path, samples: dict[str, np.ndarray], title: str, xlabel: str) -> str:

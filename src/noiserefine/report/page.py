@@ -74,11 +74,18 @@ def _computed_note(item: dict[str, Any]) -> str:
     return "; every result read from the cache" if item["reused"] else ""
 
 
+def _history(history: Sequence[dict[str, Any]]) -> str:
+    """One line per run of the report folder: when, what, how long, how many results it computed."""
+    return "<br>".join(f"{escape(r['date'])}: <code>{escape(r['command'])}</code>, {r['minutes']:.1f} min, "
+                       f"{r['computed']} result(s) computed ({escape(r['commit'])})" for r in history)
+
+
 def _header(meta: dict[str, Any]) -> str:
     fields = [("command", f"<code>{escape(meta['command'])}</code>"), ("date", escape(meta["date"])),
               ("git commit", escape(meta["commit"])), ("split", escape(meta["split"])),
               ("size", "quick (small n: verdicts are not meaningful)" if meta["quick"] else "full"),
               ("total time", f"{meta['seconds'] / 60:.1f} min in this run ({escape(meta['machine'])})"),
+              ("runs of this folder", _history(meta.get("history", []))),
               ("verdicts", escape(", ".join(f"{v} {k}" for k, v in meta["verdicts"].items())))]
     rows = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
     quick = '<p class="quick">A quick run: every item at a small n, for tests and a look at the page.</p>' \

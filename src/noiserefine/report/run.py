@@ -34,6 +34,9 @@ RESULTS = ("index.html", "report.json", "*.png", "cache")
 logger = logging.getLogger(__name__)
 SETTINGS = "settings.json"
 """The size and split a report folder's cache was made with (in DIR/cache)."""
+HISTORY = "runs.json"
+"""Every run of a report folder (in DIR/cache): command, date, commit, minutes, results computed. A page
+re-rendered with --resume thereby still says how long computing its results took."""
 
 
 class ReportItemError(RuntimeError):
@@ -57,9 +60,20 @@ def run_report(out: Path, quick: bool = False, resume: bool = False, overwrite: 
             "commit": _commit(), "split": split, "quick": quick, "seconds": time.monotonic() - clock,
             "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), {platform.machine()}",
             "verdicts": dict(Counter(i["verdict"] for i in items)), "items": len(items)}
+    meta["history"] = _record_run(ctx, meta, computed=sum(len(i["computed"]) for i in items))
     write_json(out / "report.json", {"meta": meta, "items": items})
     atomic_write_bytes(out / "index.html", page.render(meta, items).encode())
     return out / "index.html"
+
+
+def _record_run(ctx: ReportContext, meta: dict[str, Any], computed: int) -> list[dict[str, Any]]:
+    """Append this run to the folder's run history (cache/runs.json); returns the whole history."""
+    path = ctx.cache_dir / HISTORY
+    history = read_json(path) if path.is_file() else []
+    history.append({key: meta[key] for key in ("command", "date", "commit", "machine")}
+                   | {"minutes": round(meta["seconds"] / 60, 1), "computed": computed})
+    write_json(path, history)
+    return history
 
 
 def _check_folder(out: Path, quick: bool, split: str, resume: bool, overwrite: bool) -> OutputFolder:
