@@ -51,13 +51,13 @@ def run_report(out: Path, quick: bool = False, resume: bool = False, overwrite: 
     specs = load_items()
     if not specs:
         raise NoiseRefineError("no report items are registered")
-    started, clock = datetime.now(timezone.utc), time.monotonic()
+    started, clock, commit = datetime.now(timezone.utc), time.monotonic(), _commit()  # the code that runs
     out = folder.open()
     ctx = ReportContext(out, quick=quick, split=split)
     write_json(ctx.cache_dir / SETTINGS, {"quick": quick, "split": split})
     items = [_run_item(ctx, spec, k, len(specs)) for k, spec in enumerate(specs, start=1)]
     meta = {"command": _command(out, quick, resume, overwrite), "date": started.isoformat(timespec="seconds"),
-            "commit": _commit(), "split": split, "quick": quick, "seconds": time.monotonic() - clock,
+            "commit": commit, "split": split, "quick": quick, "seconds": time.monotonic() - clock,
             "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), {platform.machine()}",
             "verdicts": dict(Counter(i["verdict"] for i in items)), "items": len(items)}
     meta["history"] = _record_run(ctx, meta, computed=sum(len(i["computed"]) for i in items))
