@@ -29,7 +29,6 @@ class Preset:
     name: str
     family: str
     model: str | None
-    resolution: int
     dtype: str
     prompts: str
     targets: Mapping[str, Any]
@@ -66,7 +65,7 @@ def _frozen(d: dict[str, Any]) -> Mapping[str, Any]:
 # kept by aesthetic score; M = 50K, E = 6 epochs (A.7). 768 px: the v-prediction 2.1 model.
 _SD21_KEEP, _SD21_KEPT, _SD21_BATCH = 0.8, 50_000, 32
 SD21 = Preset(
-    name="sd21", family="stable-diffusion", model="stabilityai/stable-diffusion-2-1", resolution=768,
+    name="sd21", family="stable-diffusion", model="stabilityai/stable-diffusion-2-1",
     dtype="bf16",
     prompts="20K MS-COCO + 30K Pick-a-Pic prompts (one per line; not shipped: bring your own file)",
     targets=_frozen({"seeds": f"0-{round(_SD21_KEPT / _SD21_KEEP) - 1}", "cfg": "7", "pag": 3.0, "steps": 20,
@@ -87,7 +86,7 @@ SD21 = Preset(
 # SDXL (D.1, D.2.1): as SD 2.1 but LoRA rank 256; 181K prompts (55K COCO + 36K Pick-a-Pic + 90K LAION).
 _SDXL_KEEP, _SDXL_KEPT, _SDXL_BATCH = 0.8, 181_000, 32
 SDXL = Preset(
-    name="sdxl", family="stable-diffusion-xl", model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024,
+    name="sdxl", family="stable-diffusion-xl", model="stabilityai/stable-diffusion-xl-base-1.0",
     dtype="bf16",
     prompts="55K MS-COCO + 36K Pick-a-Pic + 90K LAION prompts (bring your own file)",
     targets=_frozen({"seeds": f"0-{round(_SDXL_KEPT / _SDXL_KEEP) - 1}", "cfg": "7", "pag": 3.0, "steps": 20,
@@ -108,7 +107,7 @@ SDXL = Preset(
 # FlowMatchEulerDiscreteScheduler (see backbones/dit.py and docs/real-models.md).
 _SIT_KEPT, _SIT_BATCH = 100_000, 64
 SIT_XL_2 = Preset(
-    name="sit-xl-2", family="dit", model=None, resolution=256, dtype="bf16",
+    name="sit-xl-2", family="dit", model=None, dtype="bf16",
     prompts="ImageNet class ids 1..100 (built in: prompts are taken in turn, so 1K seeds per class)",
     class_prompts=tuple(str(i) for i in range(1, 101)),
     targets=_frozen({"seeds": f"0-{_SIT_KEPT - 1}", "cfg": "4", "pag": 0.0, "steps": 20, "scheduler": "euler",
