@@ -113,11 +113,22 @@ def invoke(args: list[str]):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision mode per process (the preset trains in bf16; earlier
+    tests in this process trained in fp32), as a fresh `accelerate launch` has."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def test_the_page_has_the_four_steps():
     assert [c[0] for c in recipe_commands()] == ["mkdir", "targets", "train", "sample", "bench"]
 
 
-def test_recipe_runs_as_written(workspace):
+def test_recipe_runs_as_written(workspace, fresh_accelerate_state):
     mkdir, targets, train, sample, bench = recipe_commands()
     (workspace / mkdir[1]).mkdir(parents=True)
     targets, train, sample, bench = (localised(c, workspace) for c in (targets, train, sample, bench))
