@@ -107,18 +107,7 @@ def _summary(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bars(ctx: ReportContext, name: str, rows: list[tuple[str, dict[str, Any]]], title: str) -> str:
-    x = list(range(len(rows)))
-    ticks = [(i, label) for i, (label, _) in enumerate(rows)]
-    recs = [rec for _, rec in rows]
-    return figures.line_panels(ctx.figure_path(name, CAPTIONS[name]), [
-        Panel("prompt adherence (± 1 SE)", "", "adherence", [
-            Curve("primary judge", x, [r["adherence"] for r in recs], [r["adherence_se"] for r in recs], "o"),
-            Curve("held-out judge", x, [r["heldout_adherence"] for r in recs],
-                  [r["heldout_adherence_se"] for r in recs], "s")], xticks=ticks),
-        Panel("Frechet distance to real renders", "", "FD (lower is better)", [
-            Curve("primary judge", x, [r["fd"] for r in recs], style="o"),
-            Curve("held-out judge", x, [r["heldout_fd"] for r in recs], style="s")], xticks=ticks),
-    ], title)
+    return figures.judge_panels(ctx.figure_path(name, CAPTIONS[name]), rows, title)
 
 
 @item("tab6", "Tab. 6 / Fig. 25: refined noise sampled WITH guidance",

@@ -7,7 +7,7 @@ import textwrap
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +74,25 @@ def line_panels(path: Path, panels: Sequence[Panel], suptitle: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path).name
+
+
+def judge_panels(path: Path, rows: Sequence[tuple[str, dict[str, Any]]], title: str,
+                 fd_reference: str = "real renders", heldout_shift: float = 0.0) -> str:
+    """The common two-panel figure of scored rows (`measure.score` records), one x position per
+    (label, record): adherence under both judges with one SE, and both judges' FD to
+    `fd_reference`. `heldout_shift` moves the held-out adherence points right so the bars do not overlap."""
+    x = list(range(len(rows)))
+    ticks = [(i, label) for i, (label, _) in enumerate(rows)]
+    recs = [rec for _, rec in rows]
+    return line_panels(path, [
+        Panel("prompt adherence (± 1 SE)", "", "adherence", [
+            Curve("primary judge", x, [r["adherence"] for r in recs], [r["adherence_se"] for r in recs], "o"),
+            Curve("held-out judge", [i + heldout_shift for i in x], [r["heldout_adherence"] for r in recs],
+                  [r["heldout_adherence_se"] for r in recs], "s")], xticks=ticks),
+        Panel(f"Frechet distance to {fd_reference}", "", "FD (lower is better)", [
+            Curve("primary judge", x, [r["fd"] for r in recs], style="o"),
+            Curve("held-out judge", x, [r["heldout_fd"] for r in recs], style="s")], xticks=ticks),
+    ], title)
 
 
 def _wrapped(title: str, width_in: float) -> str:

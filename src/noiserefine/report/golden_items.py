@@ -28,7 +28,6 @@ from noiserefine.methods.golden import GoldenNoise, NPNet
 from noiserefine.npnet_pairs import RedenoiseSpec, collect_pairs, redenoise
 from noiserefine.report import figures, measure
 from noiserefine.report.core import ItemResult, ReportContext, item
-from noiserefine.report.figures import Curve, Panel
 from noiserefine.report.format import adherence, diff, fd
 from noiserefine.sampling import as_saved
 from noiserefine.train_npnet import NPNetTrainConfig, train_npnet
@@ -189,19 +188,11 @@ def _table(recs: dict[str, dict[str, Any]], gain: dict[str, tuple[float, float]]
 
 
 def _figure(ctx: ReportContext, recs: dict[str, dict[str, Any]]) -> str:
-    x = list(range(len(recs)))
-    ticks = [(i, SHORT[row]) for i, row in enumerate(recs)]
-    vals = list(recs.values())
-    caption = (f"Unguided 20-step DDIM from each noise on the first {vals[0]['n']} prompts and seeds of the "
+    n = next(iter(recs.values()))["n"]
+    caption = (f"Unguided 20-step DDIM from each noise on the first {n} prompts and seeds of the "
                f"{ctx.split} split: standard Gaussian noise, the re-denoise target x_T' used directly (what NPNet "
                "learns), the shipped NPNet, and NPNet trained on one shared pair set with the full network and "
                "with each ablation. Held-out points are shifted right.")
-    return figures.line_panels(ctx.figure_path("golden.png", caption), [
-        Panel("prompt adherence (± 1 SE)", "", "adherence", [
-            Curve("primary judge", x, [r["adherence"] for r in vals], [r["adherence_se"] for r in vals], "o"),
-            Curve("held-out judge", [i + 0.12 for i in x], [r["heldout_adherence"] for r in vals],
-                  [r["heldout_adherence_se"] for r in vals], "s")], xticks=ticks),
-        Panel("Frechet distance to real renders", "", "FD (lower is better)", [
-            Curve("primary judge", x, [r["fd"] for r in vals], style="o"),
-            Curve("held-out judge", x, [r["heldout_fd"] for r in vals], style="s")], xticks=ticks),
-    ], f"Golden Noise ablations: unguided sampling on the {ctx.split} split (n = {vals[0]['n']})")
+    return figures.judge_panels(ctx.figure_path("golden.png", caption), [(SHORT[row], r) for row, r in recs.items()],
+                                f"Golden Noise ablations: unguided sampling on the {ctx.split} split (n = {n})",
+                                heldout_shift=0.12)

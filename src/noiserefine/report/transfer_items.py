@@ -31,7 +31,6 @@ from noiserefine.io import read_json, shipped_path
 from noiserefine.methods.refine import NoiseRefiner, RefinedNoise
 from noiserefine.report import figures, measure
 from noiserefine.report.core import ItemResult, ReportContext, item
-from noiserefine.report.figures import Curve, Panel
 from noiserefine.report.format import adherence, diff, fd
 from noiserefine.sampling import as_saved
 from noiserefine.world.shapes16 import parse_prompt, random_prompts, render
@@ -172,20 +171,14 @@ def _table(recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _bars(ctx: ReportContext, recs: dict[str, dict[str, Any]]) -> str:
-    x, ticks, vals = list(range(len(recs))), [(i, short(k)) for i, k in enumerate(recs)], list(recs.values())
-    caption = (f"The model fine-tuned to the shifted world, on the first {vals[0]['n']} prompts and seeds of the "
+    n = next(iter(recs.values()))["n"]
+    caption = (f"The model fine-tuned to the shifted world, on the first {n} prompts and seeds of the "
                f"{ctx.split} split, 20 DDIM steps: unguided Gaussian noise, CFG 2 and 3, and noise refined by the "
                "refiner trained on the ORIGINAL base (not retrained). Left: adherence under both judges (held-out "
                "points shifted right); right: FD against 2,000 renders of the shifted world.")
-    return figures.line_panels(ctx.figure_path("tab4.png", caption), [
-        Panel("prompt adherence (± 1 SE)", "", "adherence", [
-            Curve("primary judge", x, [r["adherence"] for r in vals], [r["adherence_se"] for r in vals], "o"),
-            Curve("held-out judge", [i + 0.12 for i in x], [r["heldout_adherence"] for r in vals],
-                  [r["heldout_adherence_se"] for r in vals], "s")], xticks=ticks),
-        Panel("Frechet distance to shifted-world renders", "", "FD (lower is better)", [
-            Curve("primary judge", x, [r["fd"] for r in vals], style="o"),
-            Curve("held-out judge", x, [r["heldout_fd"] for r in vals], style="s")], xticks=ticks),
-    ], f"Tab. 4: the base's refiner on the model fine-tuned to the shifted world (n = {vals[0]['n']})")
+    return figures.judge_panels(ctx.figure_path("tab4.png", caption), [(short(k), r) for k, r in recs.items()],
+                                f"Tab. 4: the base's refiner on the model fine-tuned to the shifted world (n = {n})",
+                                fd_reference="shifted-world renders", heldout_shift=0.12)
 
 
 def _samples(ctx: ReportContext, prompts: Sequence[str], count: int = 8) -> str:
