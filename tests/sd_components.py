@@ -115,6 +115,21 @@ def make_tiny_sd_pipe() -> StableDiffusionPipeline:
     return pipe
 
 
+# stabilityai/stable-diffusion-2-1's scheduler/scheduler_config.json (diffusers 0.8 era: no timestep_spacing,
+# so DDIM's "leading"; steps_offset 1; v-prediction)
+SD21_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+def make_tiny_sd21_pipe() -> StableDiffusionPipeline:
+    """The tiny SD pipeline with Stable Diffusion 2.1's scheduler configuration."""
+    pipe = StableDiffusionPipeline(**{**tiny_sd_components(), "scheduler": DDIMScheduler.from_config(SD21_SCHEDULER)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # -- SDXL ---------------------------------------------------------------------------------------
 def tiny_sdxl_unet() -> UNet2DConditionModel:
     """diffusers' SDXL `get_dummy_components` UNet: text_time added conditioning, 6 x 8 time ids

@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from sd_components import SCHEDULER_CONFIG, tiny_sd_components
+from diffusers import StableDiffusionPipeline
+from sd_components import SCHEDULER_CONFIG, make_tiny_sd21_pipe, tiny_sd_components
 
 from noiserefine.backbones.stable_diffusion import StableDiffusionBackbone
 from noiserefine.errors import NoiseRefineError
@@ -23,24 +23,13 @@ from noiserefine.sampling import noise_for_seeds
 from noiserefine.targets import TargetSpec, generate_targets, load_targets
 from noiserefine.train import TrainConfig, train_refiner
 
-# stabilityai/stable-diffusion-2-1's scheduler/scheduler_config.json (diffusers 0.8 era: no timestep_spacing)
-SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
-                  "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
-                  "steps_offset": 1, "trained_betas": None}
 PROMPTS = ["a red circle on the left", "a blue square on the top"]
 SIZE = 32  # pixels: 16 x 16 latents (the tiny VAE halves the size)
 STEPS, CFG = 4, 5.0
 
 
-def sd21_pipe() -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(**{**tiny_sd_components(), "scheduler": DDIMScheduler.from_config(SD21_SCHEDULER)})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def pipeline_timesteps(steps: int) -> list[int]:
-    scheduler = sd21_pipe().scheduler
+    scheduler = make_tiny_sd21_pipe().scheduler
     scheduler.set_timesteps(steps)
     return [int(t) for t in scheduler.timesteps]
 
@@ -48,7 +37,7 @@ def pipeline_timesteps(steps: int) -> list[int]:
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
     """Two guided targets made by our sampler on the SD 2.1-configured tiny pipeline."""
-    backbone = StableDiffusionBackbone.from_pipeline(sd21_pipe(), resolution=SIZE)
+    backbone = StableDiffusionBackbone.from_pipeline(make_tiny_sd21_pipe(), resolution=SIZE)
     folder = tmp_path_factory.mktemp("targets")
     spec = TargetSpec(PROMPTS, [0, 1], Teacher(Guidance(cfg=CFG), steps=STEPS), shard_size=2)
     generate_targets(backbone, spec, folder, batch_size=2, progress=False)
@@ -61,7 +50,7 @@ def test_sd21_scheduler_is_leading_with_offset():
 
 def test_targets_are_the_pipelines_own_guided_samples(targets):
     x_T = noise_for_seeds([0, 1], (4, SIZE // 2, SIZE // 2))
-    expected = sd21_pipe()(PROMPTS, latents=x_T.clone(), num_inference_steps=STEPS, guidance_scale=CFG,
+    expected = make_tiny_sd21_pipe()(PROMPTS, latents=x_T.clone(), num_inference_steps=STEPS, guidance_scale=CFG,
                            height=SIZE, width=SIZE, output_type="latent").images
     data = load_targets(targets)
     assert torch.equal(data.x_T[:], x_T)
@@ -74,7 +63,7 @@ def test_targets_are_the_pipelines_own_guided_samples(targets):
 def test_training_samples_on_the_pipelines_timesteps(targets, tmp_path):
     """Every MSD step evaluates the UNet at the pipeline's own timesteps for N steps, after the
     refiner's one evaluation at T; the refiner's card records both samplers."""
-    backbone = StableDiffusionBackbone.from_pipeline(sd21_pipe(), resolution=SIZE)
+    backbone = StableDiffusionBackbone.from_pipeline(make_tiny_sd21_pipe(), resolution=SIZE)
     seen: list[int] = []
     backbone.denoiser.register_forward_pre_hook(lambda module, args: seen.append(int(args[1].reshape(-1)[0])))
     cfg = TrainConfig(steps=1, batch_size=2, msd_steps=2, rank=2, keep_fraction=1.0, checkpoint_every=10)
@@ -104,5 +93,5 @@ def test_a_folder_made_before_the_sampler_was_recorded_reads_as_trailing(targets
     spec = TargetSpec(PROMPTS, [0, 1], Teacher(Guidance(cfg=CFG), steps=STEPS), shard_size=2)
     generate_targets(trailing, spec, old, batch_size=2, progress=False)  # same weights, trailing: it resumes
     with pytest.raises(NoiseRefineError, match="another spec or base model"):  # SD 2.1 (leading) cannot resume it
-        generate_targets(StableDiffusionBackbone.from_pipeline(sd21_pipe(), resolution=SIZE), spec, old,
+        generate_targets(StableDiffusionBackbone.from_pipeline(make_tiny_sd21_pipe(), resolution=SIZE), spec, old,
                          batch_size=2, progress=False)

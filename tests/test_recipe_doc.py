@@ -25,10 +25,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
-from sd_components import save_tiny_clip, tiny_sd_components
-from test_model_scheduler import SD21_SCHEDULER
+from sd_components import make_tiny_sd21_pipe, save_tiny_clip
 
 from noiserefine.cli import main
 from noiserefine.io import save_tensors
@@ -78,8 +76,7 @@ def drop_option(args: list[str], name: str) -> list[str]:
 def workspace(tmp_path_factory) -> Path:
     """The user's files: a pipeline folder, prompt files, scorer models, a reference image folder."""
     root = tmp_path_factory.mktemp("recipe")
-    pipe = StableDiffusionPipeline(**{**tiny_sd_components(), "scheduler": DDIMScheduler.from_config(SD21_SCHEDULER)})
-    pipe.save_pretrained(root / "sd21")
+    make_tiny_sd21_pipe().save_pretrained(root / "sd21")
     (root / "prompts").mkdir()
     for name in ("coco_pickapic.txt", "eval.txt", "coco_val.txt"):
         (root / "prompts" / name).write_text("a red circle on the left\na photo of a cat\na blue square on the top\n")
